@@ -1,0 +1,32 @@
+"""`AttentionContext`: what a method knows about the attention call it is planning for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .layout import VideoLayout
+
+
+@dataclass
+class AttentionContext:
+    """Position of one attention call in the model and in the denoising loop.
+
+    `state` is a dict private to (method, layer, CFG branch) that survives across denoising steps and is
+    cleared between generations: methods keep their caches (centroids, skip lists, plans) there, so the
+    cond and uncond branches never share one.
+    """
+
+    layer: int
+    layer_name: str
+    num_layers: int
+    step: int
+    num_steps: int | None
+    branch: str
+    layout: VideoLayout | None
+    sparsity: float
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.layer_name, self.branch)

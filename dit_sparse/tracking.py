@@ -1,0 +1,165 @@
+"""Denoising-step and CFG-branch tracking through a Diffusers `ModelHook` on the transformer.
+
+The hook is stateful, so Diffusers hands it the pipeline's `cache_context` ("cond", "uncond", or
+"cond_uncond" when both branches are batched) and resets it at the end of each pipeline call
+(`maybe_free_model_hooks`). Steps are counted from the timestep passed to the transformer's forward,
+which works for every pipeline (only some fill `CacheContext.step_index`): a new, smaller timestep is the
+next step; a larger one starts a new generation, which clears all method state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from .context import AttentionContext
+from .layout import VideoLayout
+
+HOOK_NAME = "dit_sparse_step_tracker"
+DEFAULT_BRANCH = "default"
+
+
+class _NoState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+class StepTracker:
+    """Where the denoising loop is, plus per-(layer, branch) method state. One per `apply()`."""
+
+    def __init__(self, num_steps: int | None = None) -> None:
+        self.fixed_num_steps = num_steps
+        self.num_steps: int | None = num_steps
+        self.step = 0
+        self.branch = DEFAULT_BRANCH
+        self.layout: VideoLayout | None = None
+        self.generation = 0
+        self.forward_calls = 0
+        self.branch_calls: dict[str, int] = {}
+        self._last_t: float | None = None
+        self._states: dict[tuple[str, str], dict[str, Any]] = {}
+
+    # Called by the hook ---------------------------------------------------------------------------
+    def begin_forward(
+        self, timestep: float | None, branch: str | None, step_index: int | None, num_steps: int | None
+    ) -> None:
+        """Record one transformer forward; advance the step or start a new generation."""
+        if timestep is not None:
+            if self._last_t is None:
+                pass
+            elif timestep > self._last_t + 1e-6:
+                self.new_generation()
+            elif timestep < self._last_t - 1e-6:
+                self.step += 1
+            self._last_t = timestep
+        if step_index is not None:
+            self.step = int(step_index)
+        if num_steps is not None:
+            self.num_steps = int(num_steps)
+        self.branch = branch or DEFAULT_BRANCH
+        self.forward_calls += 1
+        self.branch_calls[self.branch] = self.branch_calls.get(self.branch, 0) + 1
+
+    def new_generation(self) -> None:
+        """Forget every step counter and cache: the next forward is step 0 of a new generation."""
+        self.step = 0
+        self._last_t = None
+        self.num_steps = self.fixed_num_steps
+        self._states.clear()
+        self.branch_calls.clear()
+        self.forward_calls = 0
+        self.generation += 1
+
+    # Used by the attention processors --------------------------------------------------------------
+    def context(
+        self, layer: int, layer_name: str, num_layers: int, sparsity: float, layout: VideoLayout | None
+    ) -> AttentionContext:
+        key = (layer_name, self.branch)
+        state = self._states.setdefault(key, {})
+        return AttentionContext(
+            layer=layer,
+            layer_name=layer_name,
+            num_layers=num_layers,
+            step=self.step,
+            num_steps=self.num_steps,
+            branch=self.branch,
+            layout=layout,
+            sparsity=sparsity,
+            state=state,
+        )
+
+    def state_keys(self) -> list[tuple[str, str]]:
+        return list(self._states)
+
+
+def _scalar_timestep(t: Any) -> float | None:
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        # Per-sample (or, in Wan 2.2 TI2V, per-token) timesteps: the largest one tracks the loop.
+        return float(t.detach().float().max()) if t.numel() else None
+    return float(t)
+
+
+class StepTrackingHook(ModelHook):
+    """Feeds a `StepTracker` from the transformer's forward (timestep, cache context, latent shape)."""
+
+    _is_stateful = True
+
+    def __init__(
+        self,
+        tracker: StepTracker,
+        layout_fn: Callable[[torch.nn.Module, tuple, dict], VideoLayout | None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.layout_fn = layout_fn
+        # A StateManager attribute is how Diffusers finds the hook to hand it the cache context.
+        self.state_manager = StateManager(_NoState)
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        ctx = self.state_manager._context
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        self.tracker.begin_forward(
+            _scalar_timestep(t),
+            ctx.name if ctx is not None else None,
+            getattr(ctx, "step_index", None),
+            getattr(ctx, "num_inference_steps", None),
+        )
+        if self.layout_fn is not None:
+            self.tracker.layout = self.layout_fn(module, args, kwargs)
+        return args, kwargs
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.tracker.new_generation()
+        self.state_manager.reset()
+        return module
+
+
+def attach_tracker(
+    transformer: torch.nn.Module,
+    tracker: StepTracker,
+    layout_fn: Callable[[torch.nn.Module, tuple, dict], VideoLayout | None] | None = None,
+) -> StepTrackingHook:
+    """Register the tracking hook on `transformer` (raises if dit-sparse is already applied to it)."""
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    if registry.get_hook(HOOK_NAME) is not None:
+        raise RuntimeError(
+            "dit-sparse is already applied to this transformer; call dit_sparse.remove() on it first"
+        )
+    hook = StepTrackingHook(tracker, layout_fn)
+    registry.register_hook(hook, HOOK_NAME)
+    # New stateful hook: the registry's cached list of children must be rebuilt.
+    registry.invalidate_child_registries_cache()
+    return hook
+
+
+def detach_tracker(transformer: torch.nn.Module) -> None:
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+        registry.remove_hook(HOOK_NAME, recurse=False)
+        registry.invalidate_child_registries_cache()

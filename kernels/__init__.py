@@ -1,0 +1,23 @@
+"""Block-sparse attention kernels shared by every dit-sparse method (`dit_sparse.kernels`).
+
+`block_sparse_attention(q, k, v, plan)` executes a `dit_sparse.plan.BlockPlan` on the fastest available
+backend: Triton on CUDA GPUs, the pure-PyTorch reference elsewhere.
+"""
+
+from .dispatch import Backend, available_backends, block_sparse_attention, register_backend
+from .reference import reference_block_sparse_attention
+from .result import AttentionResult
+
+try:  # The Triton backend registers itself; its absence only removes the GPU fast path.
+    from . import triton_backend  # noqa: F401
+except ImportError:  # pragma: no cover - depends on the install
+    pass
+
+__all__ = [
+    "AttentionResult",
+    "Backend",
+    "available_backends",
+    "block_sparse_attention",
+    "reference_block_sparse_attention",
+    "register_backend",
+]

@@ -1,0 +1,94 @@
+"""One entry point, `block_sparse_attention`, over a small registry of executors ("backends").
+
+Backends register a callable with the reference executor's signature plus a `supports(q, plan)` check.
+`backend="auto"` picks the first registered GPU backend that supports the inputs and falls back to the
+pure-PyTorch reference, warning once per reason when a GPU input could not use a fast kernel.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dit_sparse.plan import BlockPlan
+
+from .reference import reference_block_sparse_attention
+from .result import AttentionResult
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    run: Callable[..., AttentionResult]
+    supports: Callable[[torch.Tensor, BlockPlan], str | None]  # None if supported, else the reason
+
+
+_BACKENDS: dict[str, Backend] = {}
+_AUTO_ORDER: list[str] = []
+_WARNED: set[str] = set()
+
+
+def register_backend(backend: Backend, auto: bool = True) -> None:
+    """Add an executor; `auto=True` lets `backend="auto"` choose it (earlier registrations win)."""
+    _BACKENDS[backend.name] = backend
+    if auto and backend.name not in _AUTO_ORDER:
+        _AUTO_ORDER.append(backend.name)
+
+
+def available_backends() -> list[str]:
+    return ["reference", *_BACKENDS]
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"dit-sparse: using the PyTorch reference attention because {reason}", stacklevel=3)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    scale: float | None = None,
+    return_lse: bool = False,
+    return_tile_stats: bool = False,
+    backend: str = "auto",
+) -> AttentionResult:
+    """Attention of q [B, H, Sq, D] over k, v [B, H, Sk, D] restricted to the pairs `plan` selects.
+
+    Inputs may be non-contiguous views (e.g. Diffusers' [B, S, H, D] transposed). The output is in the
+    original token order, same dtype as q.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if (plan.batch, plan.heads) != tuple(q.shape[:2]):
+        raise ValueError(f"plan is for (B, H) = {(plan.batch, plan.heads)}, inputs have {tuple(q.shape[:2])}")
+    if plan.seq_len_q != q.shape[2] or plan.seq_len_k != k.shape[2]:
+        raise ValueError(f"plan covers {plan.seq_len_q}x{plan.seq_len_k} tokens, inputs {q.shape[2]}x{k.shape[2]}")
+    kwargs = dict(scale=scale, return_lse=return_lse, return_tile_stats=return_tile_stats)
+    if backend == "reference":
+        return reference_block_sparse_attention(q, k, v, plan, **kwargs)
+    if backend != "auto":
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
+        chosen = _BACKENDS[backend]
+        reason = chosen.supports(q, plan)
+        if reason is not None:
+            raise ValueError(f"backend {backend!r} cannot run these inputs: {reason}")
+        return chosen.run(q, k, v, plan, **kwargs)
+    reasons = []
+    for name in _AUTO_ORDER:
+        cand = _BACKENDS[name]
+        reason = cand.supports(q, plan)
+        if reason is None:
+            return cand.run(q, k, v, plan, **kwargs)
+        reasons.append(f"{name}: {reason}")
+    if q.is_cuda:
+        _warn_once("; ".join(reasons) or "no GPU kernel is registered")
+    return reference_block_sparse_attention(q, k, v, plan, **kwargs)

@@ -1,0 +1,95 @@
+"""Model adapters: what dit-sparse needs to know about each supported Diffusers transformer.
+
+An adapter names the self-attention modules that get sparse processors, builds the processor for each
+one, and reads the token grid (frames x rows x cols) from the transformer's forward arguments. Where
+text tokens sit, where RoPE is applied and the head layout are documented per adapter in `ModelFacts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from dit_sparse.layout import VideoLayout
+
+
+class UnsupportedModelError(ValueError):
+    """The transformer is not one dit-sparse knows how to make sparse."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Static facts about a model family (documentation the adapters also act on)."""
+
+    family: str
+    text: str  # "cross-attention" | "joint, text first" | "joint, text last"
+    rope: str
+    heads: str
+
+
+class ModelAdapter:
+    """Base class; subclasses set `family`, `transformer_classes`, `facts` and implement the methods."""
+
+    family: ClassVar[str] = ""
+    transformer_classes: ClassVar[tuple[str, ...]] = ()
+    facts: ClassVar[ModelFacts]
+    text_first: ClassVar[bool | None] = None  # None: no text in self-attention
+
+    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+        """(name, module) of every attention module whose processor becomes sparse, in layer order."""
+        raise NotImplementedError
+
+    def make_processor(self, original: Any, core: Any, layer: int, name: str) -> Any:
+        """A sparse processor that replaces `original` (same maths when the core runs dense)."""
+        raise NotImplementedError
+
+    def layout(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout | None:
+        """Token grid of the forward call about to run (text tokens are added per attention call)."""
+        raise NotImplementedError
+
+
+_ADAPTERS: list[type[ModelAdapter]] = []
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def _load_builtin_adapters() -> None:
+    from . import wan  # noqa: F401
+
+    for mod in ("hunyuan_video", "cogvideox", "ltx_video", "flux"):
+        try:
+            __import__(f"dit_sparse.pipelines.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"dit_sparse.pipelines.{mod}":
+                raise
+
+
+def supported_models() -> list[str]:
+    """Transformer class names that dit-sparse supports."""
+    _load_builtin_adapters()
+    return [name for cls in _ADAPTERS for name in cls.transformer_classes]
+
+
+def get_adapter(model: torch.nn.Module) -> ModelAdapter:
+    """The adapter for `model`'s class, or UnsupportedModelError naming the supported ones."""
+    _load_builtin_adapters()
+    name = type(model).__name__
+    for cls in _ADAPTERS:
+        if name in cls.transformer_classes:
+            return cls()
+    raise UnsupportedModelError(
+        f"dit-sparse does not support {name}; supported transformers: {', '.join(supported_models())}"
+    )
+
+
+def arg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
+    """A forward argument given by keyword or position."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None

@@ -1,0 +1,136 @@
+"""Loading the pipeline `dit-sparse generate` runs: the bundled model, a tiny test model, or a Hub model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+BUNDLED = "bundled"
+TINY = "tiny"
+
+
+class ModelLoadError(RuntimeError):
+    """The requested model could not be loaded; the message says what to do."""
+
+
+def assets_dir() -> Path:
+    """Where the bundled assets live: $DIT_SPARSE_ASSETS, else the repository's assets/ folder."""
+    env = os.environ.get("DIT_SPARSE_ASSETS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "assets"
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline plus how to call it uniformly."""
+
+    pipe: Any
+    name: str
+    description: str
+    call: Any  # (prompt: str, steps: int, seed: int) -> np.ndarray [F, H, W, 3] in [0, 1]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} asked for a GPU but CUDA is not available; use --device cpu")
+    return dev
+
+
+def _frames_to_numpy(frames: Any) -> np.ndarray:
+    """Pipelines return video as [B, F, H, W, 3] numpy or [B, F, 3, H, W] torch in [0, 1]."""
+    if isinstance(frames, torch.Tensor):
+        x = frames[0]
+        if x.shape[1] == 3:  # [F, 3, H, W]
+            x = x.permute(0, 2, 3, 1)
+        return x.float().clamp(0, 1).cpu().numpy()
+    x = np.asarray(frames[0] if isinstance(frames, (list, tuple)) or np.ndim(frames) == 5 else frames)
+    if x.ndim == 3:  # one image -> one frame
+        x = x[None]
+    return np.clip(x.astype(np.float32), 0.0, 1.0)
+
+
+def load_model(model: str, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load `model`: "bundled" (default), "tiny", a local pipeline folder or a Hugging Face Hub id."""
+    if model == BUNDLED:
+        return _load_bundled(device, dtype)
+    if model == TINY:
+        return _load_tiny(device)
+    return _load_diffusers(model, device, dtype)
+
+
+def _load_bundled(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    path = assets_dir() / "reference-video-dit"
+    try:
+        from .reference_model import load_reference_pipeline
+    except ImportError:
+        load_reference_pipeline = None
+    if load_reference_pipeline is None or not path.exists():
+        raise ModelLoadError(
+            f"the bundled reference model is missing ({path}); reinstall dit-sparse from a full checkout, "
+            f"set DIT_SPARSE_ASSETS to the folder holding reference-video-dit/, or run with --model tiny"
+        )
+    pipe = load_reference_pipeline(path, device=device, dtype=dtype)
+
+    def call(prompt: str, steps: int, seed: int) -> np.ndarray:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        out = pipe(prompt=prompt, num_inference_steps=steps, generator=g, output_type="np")
+        return _frames_to_numpy(out.frames)
+
+    return LoadedModel(pipe, "bundled reference video DiT", f"trained reference model at {path}", call)
+
+
+def _load_tiny(device: torch.device) -> LoadedModel:
+    from .tiny_models import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline().to(device)
+
+    def call(prompt: str, steps: int, seed: int) -> np.ndarray:
+        g = torch.Generator().manual_seed(seed)
+        # No text encoder in a config-built model: the prompt cannot condition it, embeddings are random.
+        pe, ne = torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g)
+        out = pipe(prompt_embeds=pe.to(device), negative_prompt_embeds=ne.to(device), height=32, width=32,
+                   num_frames=9, num_inference_steps=steps, guidance_scale=3.0, output_type="np",
+                   generator=torch.Generator().manual_seed(seed))
+        return _frames_to_numpy(out.frames)
+
+    return LoadedModel(pipe, "tiny Wan (random weights)",
+                       "a tiny WanPipeline built from a config with RANDOM weights: output is noise-like and "
+                       "the prompt is ignored; it only exercises the code path", call)
+
+
+def _load_diffusers(model: str, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
+    from diffusers import DiffusionPipeline
+
+    from .adapters import get_adapter
+
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    local = Path(model).exists()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    except Exception as exc:  # from_pretrained raises many types; all mean "cannot load"
+        where = "local folder" if local else "Hugging Face Hub id"
+        hint = ("check the folder holds a Diffusers pipeline (model_index.json)" if local else
+                "check the id, your network (or HF_HUB_OFFLINE with a filled cache) and `huggingface-cli login`")
+        raise ModelLoadError(f"could not load {where} {model!r}: {type(exc).__name__}: {exc}; {hint}") from exc
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise ModelLoadError(f"{model!r} has no `transformer` component; dit-sparse supports DiT pipelines")
+    get_adapter(transformer)  # raises UnsupportedModelError naming the supported models
+    pipe = pipe.to(device)
+
+    def call(prompt: str, steps: int, seed: int) -> np.ndarray:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        out = pipe(prompt=prompt, num_inference_steps=steps, generator=g, output_type="np")
+        frames = getattr(out, "frames", None)
+        return _frames_to_numpy(frames if frames is not None else out.images)
+
+    return LoadedModel(pipe, model, f"Diffusers pipeline {type(pipe).__name__} from {model}", call)

@@ -1,0 +1,95 @@
+"""Wan 2.1 / 2.2 (T2V, I2V): sparse self-attention (`attn1`); text cross-attention (`attn2`) stays dense."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+
+from dit_sparse.layout import VideoLayout
+
+from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
+
+
+def _apply_wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    # Same arithmetic as Diffusers' WanAttnProcessor (interleaved pairs), so dense outputs match bitwise.
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class WanSparseAttnProcessor(WanAttnProcessor):
+    """Diffusers' Wan processor with the self-attention call routed through the sparse core."""
+
+    def __init__(self, core, layer: int, name: str, original: WanAttnProcessor | None = None) -> None:
+        super().__init__()
+        self.core = core
+        self.layer = layer
+        self.name = name
+        if original is not None:  # keep the backend / context-parallel settings the user chose
+            self._attention_backend = getattr(original, "_attention_backend", None)
+            self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None:  # never reached for attn1; keeps the class a drop-in
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _apply_wan_rope(query, *rotary_emb)
+            key = _apply_wan_rope(key, *rotary_emb)
+
+        def dense():
+            return dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                dropout_p=0.0,
+                is_causal=False,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+
+        out = self.core.attend(
+            query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, attention_mask=attention_mask
+        )
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+@register_adapter
+class WanAdapter(ModelAdapter):
+    family = "wan"
+    transformer_classes = ("WanTransformer3DModel",)
+    facts = ModelFacts(
+        family="Wan 2.1/2.2 (T2V, I2V)",
+        text="cross-attention (attn2, stays dense); I2V image tokens also go through attn2",
+        rope="3D RoPE inside the processor after the head split, on q and k",
+        heads="(B, S, H, D) after unflatten; dispatched through dispatch_attention_fn",
+    )
+    text_first = None
+
+    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+        for i, block in enumerate(model.blocks):
+            yield f"blocks.{i}.attn1", block.attn1
+
+    def make_processor(self, original, core, layer: int, name: str):
+        return WanSparseAttnProcessor(core, layer, name, original)
+
+    def layout(self, model, args, kwargs) -> VideoLayout | None:
+        x = arg(args, kwargs, "hidden_states", 0)
+        if x is None or x.dim() != 5:
+            return None
+        pt, ph, pw = model.config.patch_size
+        _, _, f, h, w = x.shape
+        return VideoLayout(f // pt, h // ph, w // pw)
