@@ -126,7 +126,7 @@ def apply(
             original = module.get_processor() if hasattr(module, "get_processor") else module.processor
             originals[name] = (module, original)
             module.set_processor(adapter.make_processor(original, core, layer, name))
-        attach_tracker(transformer, tracker, adapter.layout)
+        attach_tracker(transformer, tracker, adapter.layout, adapter.timestep)
     except Exception:
         for module, processor in originals.values():
             module.set_processor(processor)

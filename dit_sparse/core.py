@@ -111,6 +111,10 @@ class SparseAttentionCore:
     def _unsupported(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> str | None:
         if key.shape[1] != query.shape[1]:
             return "query and key lengths differ (cross-attention stays dense)"
-        if attention_mask is not None and not bool(attention_mask.all()):
+        # Boolean masks mark allowed positions; additive float masks allow where they are 0.
+        allowed = attention_mask
+        if allowed is not None and allowed.dtype != torch.bool:
+            allowed = allowed == 0
+        if allowed is not None and not bool(allowed.all()):
             return "the model passed an attention mask with masked positions (not expressible as a block plan)"
         return None

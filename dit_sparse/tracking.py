@@ -114,16 +114,21 @@ class StepTrackingHook(ModelHook):
         self,
         tracker: StepTracker,
         layout_fn: Callable[[torch.nn.Module, tuple, dict], VideoLayout | None] | None = None,
+        timestep_fn: Callable[[tuple, dict], Any] | None = None,
     ) -> None:
         super().__init__()
         self.tracker = tracker
         self.layout_fn = layout_fn
+        self.timestep_fn = timestep_fn
         # A StateManager attribute is how Diffusers finds the hook to hand it the cache context.
         self.state_manager = StateManager(_NoState)
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         ctx = self.state_manager._context
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if self.timestep_fn is not None:
+            t = self.timestep_fn(args, kwargs)
+        else:
+            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         self.tracker.begin_forward(
             _scalar_timestep(t),
             ctx.name if ctx is not None else None,
@@ -144,6 +149,7 @@ def attach_tracker(
     transformer: torch.nn.Module,
     tracker: StepTracker,
     layout_fn: Callable[[torch.nn.Module, tuple, dict], VideoLayout | None] | None = None,
+    timestep_fn: Callable[[tuple, dict], Any] | None = None,
 ) -> StepTrackingHook:
     """Register the tracking hook on `transformer` (raises if dit-sparse is already applied to it)."""
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
@@ -151,7 +157,7 @@ def attach_tracker(
         raise RuntimeError(
             "dit-sparse is already applied to this transformer; call dit_sparse.remove() on it first"
         )
-    hook = StepTrackingHook(tracker, layout_fn)
+    hook = StepTrackingHook(tracker, layout_fn, timestep_fn)
     registry.register_hook(hook, HOOK_NAME)
     # New stateful hook: the registry's cached list of children must be rebuilt.
     registry.invalidate_child_registries_cache()

@@ -37,6 +37,7 @@ class ModelAdapter:
     transformer_classes: ClassVar[tuple[str, ...]] = ()
     facts: ClassVar[ModelFacts]
     text_first: ClassVar[bool | None] = None  # None: no text in self-attention
+    timestep_index: ClassVar[int] = 1  # position of `timestep` in the transformer's forward signature
 
     def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
         """(name, module) of every attention module whose processor becomes sparse, in layer order."""
@@ -45,6 +46,10 @@ class ModelAdapter:
     def make_processor(self, original: Any, core: Any, layer: int, name: str) -> Any:
         """A sparse processor that replaces `original` (same maths when the core runs dense)."""
         raise NotImplementedError
+
+    def timestep(self, args: tuple, kwargs: dict) -> Any:
+        """The denoising timestep passed to the forward call (by keyword or position)."""
+        return arg(args, kwargs, "timestep", self.timestep_index)
 
     def layout(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout | None:
         """Token grid of the forward call about to run (text tokens are added per attention call)."""

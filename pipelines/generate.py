@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import dit_sparse
 from dit_sparse.config import ConfigError, check_sparsity
 
 from .adapters import UnsupportedModelError
-from .loading import BUNDLED, LoadedModel, ModelLoadError, load_model, resolve_device
+from .loading import BUNDLED, ModelLoadError, load_model, resolve_device
+from .runner import RunSettings, timed_generation
 from .video_io import OutputPathError, check_writable, write_video
 
 DEFAULT_PROMPT = "a red disc moving right and a blue square moving up over a striped background"
@@ -39,49 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="kernel backend: auto, reference, triton, flex")
 
 
-@dataclass
-class RunResult:
-    frames: np.ndarray
-    total_s: float
-    attention_s: float | None
-    stats: dict
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_run(loaded: LoadedModel, ns: argparse.Namespace, device: torch.device, method: str,
-               sparsity: float) -> RunResult:
-    handle = dit_sparse.apply(loaded.pipe, method, sparsity, warmup_steps=ns.warmup,
-                              warmup_layers=ns.warmup_layers, num_steps=ns.steps, backend=ns.backend)
-    timer = None
-    try:
-        try:
-            from dit_sparse.eval.timing import AttentionTimer
-
-            timer = AttentionTimer(device)
-            handle.core.timer = timer.section
-        except ImportError:
-            pass
-        # One short run first so compilation, autotuning and first-call costs stay out of the timings.
-        loaded.call(ns.prompt, 2 if device.type == "cuda" else 1, ns.seed)
-        if timer is not None:
-            timer.reset()
-        handle.reset()
-        _sync(device)
-        t0 = time.perf_counter()
-        frames = loaded.call(ns.prompt, ns.steps, ns.seed)
-        _sync(device)
-        total = time.perf_counter() - t0
-        stats = handle.stats()
-        attn = timer.total_s("attention") if timer is not None else None
-    finally:
-        handle.remove()
-    return RunResult(frames, total, attn, stats)
-
-
 def _fmt_s(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f} s"
 
@@ -102,10 +57,12 @@ def run(ns: argparse.Namespace) -> int:
     print(f"model: {loaded.name} - {loaded.description}")
     print(f"device: {device}  method: {ns.method}  sparsity: {ns.sparsity}  steps: {ns.steps}  seed: {ns.seed}")
 
+    settings = RunSettings(steps=ns.steps, warmup_steps=ns.warmup, warmup_layers=ns.warmup_layers,
+                           backend=ns.backend)
     dense = None
     if ns.compare_dense:
-        dense = _timed_run(loaded, ns, device, "dense", 0.0)
-    sparse = _timed_run(loaded, ns, device, ns.method, ns.sparsity)
+        dense = timed_generation(loaded, ns.prompt, ns.seed, device, "dense", 0.0, settings)
+    sparse = timed_generation(loaded, ns.prompt, ns.seed, device, ns.method, ns.sparsity, settings)
     written = write_video(sparse.frames, out_path)
 
     st = sparse.stats
@@ -122,15 +79,11 @@ def run(ns: argparse.Namespace) -> int:
         if dense.attention_s and sparse.attention_s:
             line += f", {dense.attention_s / sparse.attention_s:.2f}x in attention"
         print(line + (" (CPU timings)" if device.type == "cpu" else ""))
-        try:
-            from dit_sparse.eval.metrics import compare_videos
+        from dit_sparse.eval.metrics import lpips_distance, psnr, ssim
 
-            q = compare_videos(dense.frames, sparse.frames)
-            print(f"quality vs dense: PSNR {q['psnr']['value']:.2f} dB, SSIM {q['ssim']['value']:.4f}, LPIPS "
-                  + (f"{q['lpips']['value']:.4f}" if q["lpips"].get("value") is not None
-                     else f"unavailable ({q['lpips'].get('unavailable')})"))
-        except ImportError:
-            mse = float(np.mean((dense.frames - sparse.frames) ** 2))
-            print(f"quality vs dense: PSNR {10 * np.log10(1 / max(mse, 1e-12)):.2f} dB")
+        lp = lpips_distance(dense.frames, sparse.frames)
+        lp_text = f"{lp:.4f}" if isinstance(lp, float) else f"unavailable ({lp})"
+        print(f"quality vs dense: PSNR {psnr(dense.frames, sparse.frames):.2f} dB, "
+              f"SSIM {ssim(dense.frames, sparse.frames):.4f}, LPIPS {lp_text}")
     print(f"wrote {Path(written)}")
     return 0

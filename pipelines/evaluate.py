@@ -1,0 +1,161 @@
+"""`dit-sparse eval`: dense plus each method x sparsity over prompts and seeds, with a report.
+
+Every sparse video is compared with the dense video of the same prompt and seed (PSNR, SSIM, LPIPS when
+available), plus no-reference VBench-style metrics and, on the bundled model, prompt adherence against
+the prompt's exact ground truth. Writes results.json, report.md, report.html and pareto.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import dit_sparse
+from dit_sparse.config import ConfigError, check_sparsity
+
+from .adapters import UnsupportedModelError
+from .loading import BUNDLED, ModelLoadError, load_model, resolve_device
+from .runner import RunSettings, timed_generation
+
+FRAME_INDICES = 4  # frames shown side by side in the report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=BUNDLED, help="'bundled' (default), 'tiny', a local folder or Hub id")
+    p.add_argument("--methods", default="semantic,pooled,window3d", help="comma list; 'a+b' composes")
+    p.add_argument("--sparsities", default="0.75,0.9,0.95")
+    p.add_argument("--prompts", type=int, default=8,
+                   help="number of held-out prompts of the bundled model's evaluation set")
+    p.add_argument("--prompt", action="append", default=None, help="explicit prompt(s) (repeatable)")
+    p.add_argument("--seeds", default="0", help="comma list of seeds")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=float, default=0.2)
+    p.add_argument("--warmup-layers", type=int, default=1)
+    p.add_argument("--out", default="out/eval", help="report folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--lpips-weights", default=None, help="local LPIPS backbone checkpoint (file or folder)")
+
+
+def _prompt_set(ns: argparse.Namespace) -> tuple[list[str], list[Any] | None]:
+    """Prompts, and their ground truths when the bundled model's held-out set is used."""
+    if ns.prompt:
+        return list(ns.prompt), None
+    if ns.model != BUNDLED:
+        from .generate import DEFAULT_PROMPT
+
+        return [DEFAULT_PROMPT], None
+    from .video_data import clip_truths, heldout_specs, spec_prompts
+
+    specs = heldout_specs()
+    n = min(ns.prompts, len(spec_prompts(specs)))
+    idx = list(range(n))
+    sub = specs.index(idx)
+    return spec_prompts(sub), clip_truths(sub)
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(xs)) if xs else None
+
+
+def run(ns: argparse.Namespace) -> int:
+    from dit_sparse.eval.metrics import Unavailable, lpips_distance, psnr, ssim
+    from dit_sparse.eval.report import OutputDirError, write_report
+    from dit_sparse.eval.vbench_style import video_metrics
+
+    try:
+        sparsities = [check_sparsity(s) for s in ns.sparsities.split(",") if s]
+        methods = [m for m in ns.methods.split(",") if m and m != "dense"]  # dense always runs
+        for m in methods:
+            dit_sparse.method.build_method(m, 0.5, {})
+        seeds = [int(s) for s in ns.seeds.split(",") if s]
+        out = Path(ns.out)
+        out.mkdir(parents=True, exist_ok=True)
+        device = resolve_device(ns.device)
+        dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
+        loaded = load_model(ns.model, device, dtype)
+    except (ConfigError, ModelLoadError, UnsupportedModelError, OSError, ValueError) as exc:
+        print(f"dit-sparse eval: error: {exc}", file=sys.stderr)
+        return 2
+    if hasattr(loaded.pipe, "set_progress_bar_config"):
+        loaded.pipe.set_progress_bar_config(disable=True)
+    prompts, truths = _prompt_set(ns)
+    settings = RunSettings(steps=ns.steps, warmup_steps=ns.warmup, warmup_layers=ns.warmup_layers,
+                           backend=ns.backend)
+    configs = [("dense", 0.0)] + [(m, s) for m in methods for s in sparsities]
+    videos = [(i, p, seed) for i, p in enumerate(prompts) for seed in seeds]
+    per: dict[tuple[str, float], list[dict[str, Any]]] = {c: [] for c in configs}
+    dense_frames: dict[tuple[int, int], np.ndarray] = {}
+    side_by_side = []
+    bar = tqdm(total=len(configs) * len(videos), desc="eval", unit="video")
+    for method, s in configs:
+        for vi, (i, prompt, seed) in enumerate(videos):
+            res = timed_generation(loaded, prompt, seed, device, method, s, settings, warm_run=vi == 0)
+            rec: dict[str, Any] = dict(total_s=res.total_s, attention_s=res.attention_s,
+                                       sparsity=res.stats["sparsity_in_sparse_calls"],
+                                       sparsity_overall=res.stats["sparsity_overall"])
+            if method == "dense":
+                dense_frames[(i, seed)] = res.frames
+            else:
+                ref = dense_frames[(i, seed)]
+                rec["psnr"] = psnr(ref, res.frames, max_db=100.0)
+                rec["ssim"] = ssim(ref, res.frames)
+                rec["lpips"] = lpips_distance(ref, res.frames, lpips_weights=ns.lpips_weights)
+                if vi == 0:
+                    idx = np.linspace(0, len(ref) - 1, FRAME_INDICES).round().astype(int).tolist()
+                    side_by_side.append(dict(title=f"{method} @ {s}: {prompt}", dense=ref, sparse=res.frames,
+                                             indices=idx))
+            vm = video_metrics(res.frames)
+            rec["vbench"] = {k: (v.get("value") if isinstance(v, dict) else v) for k, v in vm.items()}
+            if truths is not None:
+                from .adherence import check_video
+
+                rec["adherence"] = float(check_video(res.frames, truths[i]).ok)
+            per[(method, s)].append(rec)
+            bar.update(1)
+    bar.close()
+
+    rows = []
+    for (method, s), recs in per.items():
+        row: dict[str, Any] = dict(method=method, sparsity=s,
+                                   achieved_sparsity=_mean([r["sparsity"] for r in recs]),
+                                   achieved_sparsity_overall=_mean([r["sparsity_overall"] for r in recs]),
+                                   attention_time_s=_mean([r["attention_s"] for r in recs]),
+                                   total_time_s=_mean([r["total_s"] for r in recs]))
+        if method != "dense":
+            row["psnr"] = _mean([r["psnr"] for r in recs])
+            row["ssim"] = _mean([r["ssim"] for r in recs])
+            lp = [r["lpips"] for r in recs]
+            row["lpips"] = lp[0] if isinstance(lp[0], Unavailable) else _mean(lp)
+        keys = recs[0]["vbench"].keys()
+        row["vbench"] = {k: _mean([r["vbench"][k] for r in recs if isinstance(r["vbench"][k], (int, float))])
+                         for k in keys}
+        if truths is not None:
+            row["adherence"] = _mean([r["adherence"] for r in recs])
+        rows.append(row)
+    meta = dict(model=loaded.name, device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
+                prompts=prompts, seeds=seeds, steps=ns.steps, warmup_steps=ns.warmup,
+                warmup_layers=ns.warmup_layers, commands=["dit-sparse eval " + " ".join(sys.argv[2:])])
+    try:
+        paths = write_report(dict(meta=meta, rows=rows, frames=side_by_side), out)
+    except OutputDirError as exc:
+        print(f"dit-sparse eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"\n{'method':<18} {'sparsity':>8} {'achieved':>8} {'PSNR':>7} {'SSIM':>7} {'adher.':>6} "
+          f"{'attn s':>8} {'total s':>8}")
+    for r in rows:
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)
+        print(f"{r['method']:<18} {r['sparsity']:>8} {f(r['achieved_sparsity'], '.3f'):>8} "
+              f"{f(r.get('psnr'), '.2f'):>7} {f(r.get('ssim'), '.4f'):>7} {f(r.get('adherence'), '.2f'):>6} "
+              f"{f(r['attention_time_s'], '.2f'):>8} {f(r['total_time_s'], '.2f'):>8}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

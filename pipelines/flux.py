@@ -1,0 +1,139 @@
+"""Flux.1 (dev, schnell, Fill, Kontext): sparse joint attention over [text, image] in every block.
+
+Double-stream blocks get text and image separately and concatenate [text, image] inside the processor;
+single-stream blocks get the already concatenated [text, image] sequence. Both are replaced, double-stream
+blocks first. Flux is an image model: the grid is 1 x rows x cols.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+
+from dit_sparse.layout import VideoLayout
+
+from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
+
+
+class FluxSparseAttnProcessor(FluxAttnProcessor):
+    """Diffusers' Flux processor with the joint attention routed through the sparse core."""
+
+    def __init__(self, core, layer: int, name: str, original: FluxAttnProcessor | None = None) -> None:
+        super().__init__()
+        self.core = core
+        self.layer = layer
+        self.name = name
+        if original is not None:  # keep the backend / context-parallel settings the user chose
+            self._attention_backend = getattr(original, "_attention_backend", None)
+            self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        # A fixed head_dim with -1 for the heads, as Diffusers does (tensor-parallel shards have fewer heads).
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+
+        # RoPE over the whole joint sequence (text ids are zeros), after the concatenation.
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        def dense():
+            return dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+
+        mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
+        out = self.core.attend(
+            query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=True,
+            attention_mask=mask,
+        )
+        out = out.flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is None:  # single-stream block: the caller splits text and image
+            return out
+        text_len = encoder_hidden_states.shape[1]
+        encoder_out, out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+        out = attn.to_out[0](out.contiguous())
+        out = attn.to_out[1](out)
+        encoder_out = attn.to_add_out(encoder_out.contiguous())
+        return out, encoder_out
+
+
+def _image_grid(img_ids: torch.Tensor | None, image_tokens: int) -> tuple[int, int] | None:
+    """(rows, cols) of the image tokens, or None when no single grid accounts for them.
+
+    Flux packs 2x2 latent patches row-major and gives each token the id (0, row, col), so rows and cols are
+    the extents of id columns 1 and 2 (one host sync per forward). When the extents do not account for
+    every token (Kontext appends a reference image with id[0] = 1) there is no single grid: None. Without
+    ids the grid is taken as square when the token count is a perfect square, else None.
+    """
+    if img_ids is not None:
+        ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+        if ids.dim() != 2 or ids.shape[0] != image_tokens or ids.shape[1] < 3:
+            return None
+        lo_r, lo_c, hi_r, hi_c = torch.cat([ids[:, 1:3].amin(0), ids[:, 1:3].amax(0)]).tolist()
+        rows, cols = int(hi_r - lo_r) + 1, int(hi_c - lo_c) + 1
+        return (rows, cols) if rows * cols == image_tokens else None
+    side = int(round(image_tokens**0.5))
+    return (side, side) if side * side == image_tokens else None
+
+
+@register_adapter
+class FluxAdapter(ModelAdapter):
+    family = "flux"
+    timestep_index = 3  # forward(hidden_states, ..., timestep, ...)
+    transformer_classes = ("FluxTransformer2DModel",)
+    facts = ModelFacts(
+        family="Flux.1 (dev, schnell, Fill, Kontext; image model, grid 1 x rows x cols)",
+        text="joint, text first: [text, image] in double-stream and single-stream blocks",
+        rope="2D RoPE (3 id axes) inside the processor after q/k RMSNorm and concatenation, on the whole "
+        "joint sequence (text ids are zeros)",
+        heads="(B, S, H, D) after unflatten by head_dim; dispatched through dispatch_attention_fn",
+    )
+    text_first = True
+
+    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+        for i, block in enumerate(model.transformer_blocks):
+            yield f"transformer_blocks.{i}.attn", block.attn
+        for i, block in enumerate(model.single_transformer_blocks):
+            yield f"single_transformer_blocks.{i}.attn", block.attn
+
+    def make_processor(self, original, core, layer: int, name: str):
+        if not isinstance(original, FluxAttnProcessor):
+            # e.g. the IP-Adapter processor, which owns weights and adds image-prompt attention: keep it.
+            warnings.warn(
+                f"dit-sparse: {name} uses {type(original).__name__}, which dit-sparse does not replace; "
+                "that layer stays dense",
+                stacklevel=3,
+            )
+            return original
+        return FluxSparseAttnProcessor(core, layer, name, original)
+
+    def layout(self, model, args, kwargs) -> VideoLayout | None:
+        x = arg(args, kwargs, "hidden_states", 0)  # packed latents [B, S, C]
+        if x is None or x.dim() != 3:
+            return None
+        grid = _image_grid(arg(args, kwargs, "img_ids", 4), x.shape[1])
+        return VideoLayout(1, *grid) if grid is not None else None

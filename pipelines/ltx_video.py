@@ -1,0 +1,105 @@
+"""LTX-Video (0.9.x): sparse self-attention (`attn1`); text cross-attention (`attn2`) keeps its processor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
+
+from dit_sparse.layout import VideoLayout
+
+from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
+
+
+class LTXVideoSparseAttnProcessor(LTXVideoAttnProcessor):
+    """Diffusers' LTX-Video processor with the self-attention call routed through the sparse core."""
+
+    def __init__(self, core, layer: int, name: str, original: LTXVideoAttnProcessor | None = None) -> None:
+        super().__init__()
+        self.core = core
+        self.layer = layer
+        self.name = name
+        if original is not None:  # keep the backend / context-parallel settings the user chose
+            self._attention_backend = getattr(original, "_attention_backend", None)
+            self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is not None:  # never reached for attn1; keeps the class a drop-in
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        batch_size, sequence_length, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        # LTX normalises across heads and applies RoPE before the head split.
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(hidden_states))
+        value = attn.to_v(hidden_states)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+
+        def dense():
+            return dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                dropout_p=0.0,
+                is_causal=False,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+
+        mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
+        out = self.core.attend(
+            query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, attention_mask=mask
+        )
+        out = out.flatten(2, 3).to(query.dtype)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+@register_adapter
+class LTXVideoAdapter(ModelAdapter):
+    family = "ltx_video"
+    timestep_index = 2  # forward(hidden_states, ..., timestep, ...)
+    transformer_classes = ("LTXVideoTransformer3DModel",)
+    facts = ModelFacts(
+        family="LTX-Video 0.9.x (T2V, I2V)",
+        text="cross-attention (attn2, stays dense); self-attention attn1 is video only",
+        rope="3D RoPE inside the processor before the head split (after RMSNorm across heads), on q and k",
+        heads="(B, S, H, D) after unflatten; dispatched through dispatch_attention_fn",
+    )
+    text_first = None
+
+    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+        for i, block in enumerate(model.transformer_blocks):
+            yield f"transformer_blocks.{i}.attn1", block.attn1
+
+    def make_processor(self, original, core, layer: int, name: str):
+        return LTXVideoSparseAttnProcessor(core, layer, name, original)
+
+    def layout(self, model, args, kwargs) -> VideoLayout | None:
+        """Grid from the `num_frames`/`height`/`width` kwargs (latent sizes; LTX ships with patch 1x1x1).
+
+        hidden_states arrive already packed as [B, S, C]. The condition pipeline passes `video_coords`
+        instead (and appends conditioning tokens), so no grid is reported there.
+        """
+        x = arg(args, kwargs, "hidden_states", 0)
+        sizes = [arg(args, kwargs, name, i) for name, i in (("num_frames", 4), ("height", 5), ("width", 6))]
+        if x is None or x.dim() != 3 or any(s is None for s in sizes):
+            return None
+        f, h, w = (int(s) for s in sizes)
+        seq_len = x.shape[1]
+        if f * h * w != seq_len:  # sizes given before patching
+            pt, p = model.config.patch_size_t, model.config.patch_size
+            f, h, w = f // pt, h // p, w // p
+            if f * h * w != seq_len:
+                return None
+        return VideoLayout(f, h, w)
