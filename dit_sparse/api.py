@@ -118,6 +118,11 @@ def apply(
     method_obj, _ = build_method(method, float(sparsity), options)
     config = SparseConfig(method=method, sparsity=sparsity, warmup=warmup, options=options)
     modules = list(adapter.self_attention_modules(transformer))
+    link = method_obj
+    while link is not None:  # methods that depend on the model (e.g. a calibration file) check it here
+        if hasattr(link, "bind_model"):
+            link.bind_model(transformer, [name for name, _ in modules])
+        link = link.base
     tracker = StepTracker(num_steps=num_steps)
     core = SparseAttentionCore(config, method_obj, tracker, num_layers=len(modules), backend=backend)
     originals: dict[str, tuple[torch.nn.Module, Any]] = {}

@@ -1,0 +1,370 @@
+"""`TileSkipCache` ("skip"): skip key tiles whose attention mass stayed provably negligible.
+
+A wrapper method: it refines the plan of a base method (``"full+skip"``, ``"window3d+skip"``,
+``"semantic+skip"``). Per (layer, CFG branch, batch, head, query range) it keeps a bit-packed set of key
+ranges to leave out. After every sparse call it reads the executor's statistics and bounds, for every row
+r of query range i and key range j,
+
+    mass_r(i, j) = sum_{t in j} exp(s_rt - lse_r) <= n_j * exp(tile_max(i, j) - min_{r in i} lse_r)
+
+where `tile_max` is the largest scaled logit of the (i, j) tile and `lse` the rows' final log-sum-exp
+of the executed plan. Leaving tiles out only lowers the LSE, so a bound taken from a sparser call is still a
+bound against the full base plan (and against dense attention). Per query range, tiles are added to the
+skip set greedily, smallest bound first, while the summed bounds of the skipped tiles stay below `tol`:
+the total skipped mass of every row is bounded, and the decision does not depend on visit order.
+
+Decisions are revocable: each call a rotating share of the query ranges (one in `recheck_every`) is
+computed over the full base plan and decided afresh, so every skip is re-verified at least once every
+`recheck_every` calls. `max_skip` caps the share of each row's base tiles that may be skipped. See
+docs/tile-skip.md for the bound, the memory math and what `sparsity` means for ``"X+skip"``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dit_sparse.kernels.result import AttentionResult
+
+from .config import ConfigError
+from .context import AttentionContext
+from .method import SparseMethod, register_method
+from .plan import BlockPlan, token_to_range
+
+Tensor = torch.Tensor
+
+STATE_KEY = "tile_skip"  # ctx.state is shared by the whole method chain: keep ours in one sub-dict
+_MAX_CHUNK_ELEMS = 1 << 24  # bounds the transient [rows, MAXK] tensors of the greedy update
+_SUM_SLACK = 1e-5  # float32 cumulative sums: decide against a slightly smaller tolerance
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class TileSkipConfig:
+    """Options of the "skip" wrapper.
+
+    tol: bound on the attention mass each query row may lose to skipped tiles (0 disables skipping).
+    recheck_every: every query range is recomputed over the full base plan at least once per this many
+        calls (0 = never re-verify, as LiteAttention; 1 = recompute everything every call).
+    max_skip: cap on the share of each query range's base tiles that may be skipped, in [0, 1).
+    drift_threshold: for base plans with data-dependent ranges, drop a (batch, head)'s cache when more
+        than this share of tokens must have changed range since the previous call (range sizes moved).
+    calibration: JSON file from `dit_sparse.skip_calibration` giving `tol` per layer.
+    """
+
+    tol: float = 0.02
+    recheck_every: int = 4
+    max_skip: float = 0.9
+    drift_threshold: float = 0.2
+    calibration: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.tol, (int, float)) and 0.0 <= self.tol < 1.0):
+            raise ConfigError(f"skip: tol must lie in [0, 1) (e.g. 0.02), got {self.tol!r}")
+        if not (isinstance(self.recheck_every, int) and self.recheck_every >= 0):
+            raise ConfigError(f"skip: recheck_every must be an integer >= 0 (0 = never), got {self.recheck_every!r}")
+        if not (isinstance(self.max_skip, (int, float)) and 0.0 <= self.max_skip < 1.0):
+            raise ConfigError(f"skip: max_skip must lie in [0, 1), got {self.max_skip!r}")
+        if not (isinstance(self.drift_threshold, (int, float)) and 0.0 <= self.drift_threshold <= 1.0):
+            raise ConfigError(f"skip: drift_threshold must lie in [0, 1], got {self.drift_threshold!r}")
+        if self.calibration is not None and not isinstance(self.calibration, str):
+            raise ConfigError(f"skip: calibration must be a path to a JSON file, got {self.calibration!r}")
+
+
+# ---------------------------------------------------------------------------------------------- bits
+def pack_bits(mask: Tensor) -> Tensor:
+    """Bool [..., N] -> uint8 [..., ceil(N / 8)] (bit b of byte j is element 8 j + b)."""
+    n = mask.shape[-1]
+    pad = (-n) % 8
+    m = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).unflatten(-1, (-1, 8))
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=mask.device)
+    return (m * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, n: int) -> Tensor:
+    """Inverse of `pack_bits`: uint8 [..., ceil(n / 8)] -> bool [..., n]."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed[..., None] >> shifts) & 1
+    return bits.flatten(-2)[..., :n].bool()
+
+
+def skip_cache_bytes(
+    num_layers: int,
+    heads: int,
+    tokens: int,
+    block: int = 64,
+    branches: int = 2,
+    batch: int = 1,
+    variable_ranges: bool = False,
+) -> int:
+    """Persistent GPU bytes of the skip cache for a whole model (bits + per-row budget [+ range sizes]).
+
+    Wan2.1-14B 720p (40 layers, 40 heads, 75,600 tokens, 64-token tiles, CFG): 1182 x 148 bytes of bits
+    plus 4 bytes of budget per query range -> 575 MB, 0.72% of 80 GB.
+    """
+    n = -(-tokens // block)
+    rows = num_layers * branches * batch * heads * n
+    total = rows * (-(-n // 8)) + rows * 4
+    if variable_ranges:  # int32 sizes of the previous call's query and key ranges
+        total += num_layers * branches * batch * heads * 2 * n * 4
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- bound
+def tile_log_bounds(plan: BlockPlan, lse: Tensor, tile_max: Tensor) -> Tensor:
+    """log of the per-tile mass bound n_j * exp(tile_max - min row LSE), aligned with `plan.kv_indices`.
+
+    `lse` is [B, H, S] in original token order, `tile_max` [B, H, NQ, MAXK]. Unusable entries (no rows,
+    no keys) give -inf (bound 0); undefined ones (NaN) give +inf, so they are never skipped.
+    """
+    B, H, NQ, MAXK = tile_max.shape
+    lse = lse.float()
+    if plan.q_perm is not None:
+        lse = torch.gather(lse, 2, plan.q_perm)
+    q_range = token_to_range(plan.q_offsets, lse.shape[-1])
+    min_lse = torch.full((B, H, NQ), math.inf, dtype=torch.float32, device=lse.device)
+    min_lse.scatter_reduce_(2, q_range, lse, reduce="amin")
+    k_len = (plan.k_offsets[..., 1:] - plan.k_offsets[..., :-1]).float()  # [B, H, NK]
+    n_k = torch.gather(k_len, 2, plan.kv_indices.long().flatten(2)).view(B, H, NQ, MAXK)
+    lb = torch.log(n_k) + tile_max.float() - min_lse[..., None]
+    return torch.nan_to_num(lb, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+def greedy_skips(
+    log_bounds: Tensor,
+    kv_indices: Tensor,
+    kv_counts: Tensor,
+    budget: Tensor,
+    tol: float,
+    cap_left: Tensor,
+    num_k: int,
+) -> tuple[Tensor, Tensor]:
+    """Pick, per row, the smallest-bound slots while `budget` + their summed bounds stays < `tol`.
+
+    Args are [..., MAXK] (bounds, indices), [...] (counts, already committed budget, how many more tiles
+    the cap allows). Returns (bool [..., num_k] new skips by key-range index, float32 [...] added budget).
+    """
+    maxk = log_bounds.shape[-1]
+    slots = torch.arange(maxk, device=log_bounds.device)
+    bounds = torch.exp(log_bounds).masked_fill(slots >= kv_counts[..., None], math.inf)
+    sorted_b, order = torch.sort(bounds, dim=-1)
+    cum = torch.cumsum(sorted_b, -1) + budget[..., None]
+    # Bounds are >= 0, so `take` is a prefix of the sorted order: the greedy rule.
+    take = (cum < tol * (1.0 - _SUM_SLACK)) & (slots < cap_left[..., None])
+    added = torch.where(take, sorted_b, torch.zeros_like(sorted_b)).sum(-1)
+    idx = torch.gather(kv_indices.long(), -1, order)
+    hits = torch.zeros(*idx.shape[:-1], num_k, dtype=torch.uint8, device=idx.device)
+    # scatter_add: untaken slots may repeat an index (padding) and must not clear a taken one.
+    hits.scatter_add_(-1, idx, take.to(torch.uint8))
+    return hits > 0, added
+
+
+# ---------------------------------------------------------------------------------------------- state
+@dataclass
+class SkipState:
+    """Cache of one (layer, CFG branch): packed skip bits, committed bound per query range, bookkeeping."""
+
+    bits: Tensor | None = None  # uint8 [B, H, NQ, ceil(NK / 8)]
+    budget: Tensor | None = None  # float32 [B, H, NQ]: summed bounds of the skipped tiles
+    shape: tuple | None = None  # (B, H, NQ, NK, device) the cache was built for
+    q_len: Tensor | None = None  # int32 [B, H, NQ], only for data-dependent ranges
+    k_len: Tensor | None = None
+    calls: int = 0
+    pending: dict[str, Any] | None = field(default=None, repr=False)
+
+    def clear(self) -> None:
+        self.bits = self.budget = self.shape = self.q_len = self.k_len = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.bits, self.budget, self.q_len, self.k_len)
+                   if t is not None)
+
+
+def _range_lengths(offsets: Tensor) -> Tensor:
+    return (offsets[..., 1:] - offsets[..., :-1]).to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------- method
+@register_method
+class TileSkipCache(SparseMethod):
+    """Cross-step cache of negligible key tiles, refining any base method's plan (name "skip").
+
+    `sparsity` goes to the base method; skipping adds on top of it, limited by `tol` and `max_skip`.
+    """
+
+    name = "skip"
+    Config = TileSkipConfig
+    wraps = True
+    needs_lse = True
+    needs_tile_stats = True
+
+    def __init__(self, sparsity: float, options: TileSkipConfig, base: SparseMethod | None = None) -> None:
+        super().__init__(sparsity, options, base)
+        self.calibration = None
+        if options.calibration is not None:
+            from .skip_calibration import load_calibration
+
+            self.calibration = load_calibration(options.calibration)
+        self._stats: dict[str, list[Tensor]] = {}
+        self._warned: set[str] = set()
+
+    # -------------------------------------------------------------------- configuration
+    def bind_model(self, model: torch.nn.Module, layer_names: list[str] | None = None) -> None:
+        """Check a loaded calibration against the model it is applied to (clear error on mismatch).
+
+        Meant to be called once by `apply` for each method of the chain that defines it.
+        """
+        if self.calibration is not None:
+            self.calibration.check_model(type(model).__name__, layer_names)
+
+    def tol_for(self, layer_name: str) -> float:
+        """Tolerance of one layer: from the calibration file when given, else `options.tol`."""
+        if self.calibration is None:
+            return float(self.options.tol)
+        tol = self.calibration.tol_for(layer_name)
+        if tol is None:
+            self._warn_once(f"layer {layer_name!r} is not in calibration file {self.options.calibration!r}; "
+                            f"using tol={self.options.tol}")
+            return float(self.options.tol)
+        return tol
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(f"dit-sparse skip: {message}", stacklevel=3)
+
+    # -------------------------------------------------------------------- method interface
+    def plan(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> BlockPlan | None:
+        assert self.base is not None
+        base_plan = self.base.plan(q, k, v, ctx)
+        if base_plan is None:
+            return None
+        state = ctx.state.setdefault(STATE_KEY, SkipState())
+        return self.refine(base_plan, state, self.tol_for(ctx.layer_name), ctx.layer_name)
+
+    def observe(self, ctx: AttentionContext, plan: BlockPlan, result: AttentionResult) -> None:
+        super().observe(ctx, plan, result)
+        state = ctx.state.get(STATE_KEY)
+        if state is not None:
+            self.update(state, plan, result)
+
+    # -------------------------------------------------------------------- the cache
+    def refine(self, base_plan: BlockPlan, state: SkipState, tol: float, layer_name: str | None = None
+               ) -> BlockPlan:
+        """The plan to execute this call: `base_plan` minus the cached skips (rows due for recheck intact).
+
+        Leaves what `update` needs in `state.pending`; `update` must see the result of the returned plan.
+        Skipped-tile statistics are counted under `layer_name` unless it is None.
+        """
+        opts = self.options
+        B, H, NQ, NK = base_plan.batch, base_plan.heads, base_plan.num_q_blocks, base_plan.num_k_blocks
+        call = state.calls
+        state.calls += 1
+        state.pending = None
+        if tol <= 0.0:
+            self._count(layer_name, base_plan.kv_counts, base_plan.kv_counts)
+            return base_plan
+        self._sync(state, base_plan, (B, H, NQ, NK, base_plan.kv_counts.device))
+        base_counts = base_plan.kv_counts
+        cap = torch.floor(base_counts.float() * opts.max_skip).to(torch.int32)
+        if state.bits is None:  # first sparse call (or after invalidation): the full base plan fills the cache
+            state.pending = {"tol": tol, "cap_left": cap, "base_counts": base_counts}
+            self._count(layer_name, base_counts, base_counts)
+            return base_plan
+        base_mask = base_plan.block_mask()
+        skip = unpack_bits(state.bits, NK)
+        kept = base_mask & ~skip
+        kept_counts = kept.sum(-1, dtype=torch.int32)
+        skipped = base_counts - kept_counts
+        q_idx = torch.arange(NQ, device=base_counts.device)
+        forced = torch.zeros(NQ, dtype=torch.bool, device=base_counts.device)
+        if opts.recheck_every > 0:
+            forced = (q_idx + call) % opts.recheck_every == 0
+        # The base plan may change between calls (e.g. semantic): a row whose old skips now exceed the cap
+        # or remove every base tile is recomputed and decided afresh instead.
+        forced = forced.expand(B, H, NQ) | (skipped > cap) | ((kept_counts == 0) & (base_counts > 0))
+        exec_mask = torch.where(forced[..., None], base_mask, kept)
+        state.bits = pack_bits(skip & ~forced[..., None])
+        state.budget = torch.where(forced, torch.zeros_like(state.budget), state.budget)
+        skipped = torch.where(forced, torch.zeros_like(skipped), skipped)
+        state.pending = {"tol": tol, "cap_left": (cap - skipped).clamp_min(0), "base_counts": base_counts}
+        exec_counts = torch.where(forced, base_counts, kept_counts)
+        self._count(layer_name, base_counts, exec_counts)
+        return base_plan.with_mask(exec_mask)
+
+    def update(self, state: SkipState, plan: BlockPlan, result: AttentionResult) -> None:
+        """Add newly negligible tiles of the executed `plan` to the skip set, from `result`'s statistics."""
+        pending, state.pending = state.pending, None
+        if pending is None:
+            return
+        if result.lse is None or result.tile_max is None:
+            self._warn_once("the attention backend returned no LSE / tile statistics; nothing is skipped")
+            return
+        B, H, NQ, NK = plan.batch, plan.heads, plan.num_q_blocks, plan.num_k_blocks
+        dev = plan.kv_counts.device
+        if state.bits is None:
+            state.bits = pack_bits(torch.zeros(B, H, NQ, NK, dtype=torch.bool, device=dev))
+            state.budget = torch.zeros(B, H, NQ, dtype=torch.float32, device=dev)
+        log_b = tile_log_bounds(plan, result.lse, result.tile_max)
+        maxk = log_b.shape[-1]
+        step = max(1, _MAX_CHUNK_ELEMS // max(B * NQ * max(maxk, NK), 1))
+        bits, budget = [], []
+        for h0 in range(0, H, step):  # head chunks bound the transient sort / scatter memory
+            sl = slice(h0, min(H, h0 + step))
+            new, added = greedy_skips(
+                log_b[:, sl], plan.kv_indices[:, sl], plan.kv_counts[:, sl], state.budget[:, sl],
+                pending["tol"], pending["cap_left"][:, sl], NK,
+            )
+            bits.append(pack_bits(unpack_bits(state.bits[:, sl], NK) | new))
+            budget.append(state.budget[:, sl] + added)
+        state.bits = torch.cat(bits, 1)
+        state.budget = torch.cat(budget, 1)
+
+    def _sync(self, state: SkipState, plan: BlockPlan, shape: tuple) -> None:
+        """Drop the cache when the plan's shape changed, or per (batch, head) when its ranges drifted."""
+        if state.shape != shape:
+            state.clear()
+            state.shape = shape
+        if plan.block_size is not None:  # fixed blocks: ranges cannot drift
+            return
+        q_len, k_len = _range_lengths(plan.q_offsets), _range_lengths(plan.k_offsets)
+        if state.q_len is not None and state.bits is not None:
+            # sum |size change| / 2 tokens at least changed range (a lower bound on membership churn).
+            dq = (q_len - state.q_len).abs().sum(-1).float() / (2.0 * max(plan.seq_len_q, 1))
+            dk = (k_len - state.k_len).abs().sum(-1).float() / (2.0 * max(plan.seq_len_k, 1))
+            stale = torch.maximum(dq, dk) > self.options.drift_threshold  # [B, H]
+            state.bits = torch.where(stale[..., None, None], torch.zeros_like(state.bits), state.bits)
+            state.budget = torch.where(stale[..., None], torch.zeros_like(state.budget), state.budget)
+        state.q_len, state.k_len = q_len, k_len
+
+    # -------------------------------------------------------------------- statistics
+    def _count(self, layer_name: str | None, base_counts: Tensor, exec_counts: Tensor) -> None:
+        # Device tensors: no host sync on the hot path; `skip_stats` syncs once.
+        if layer_name is None:
+            return
+        skipped = (base_counts - exec_counts).sum()
+        total = base_counts.sum()
+        entry = self._stats.get(layer_name)
+        if entry is None:
+            self._stats[layer_name] = [skipped, total]
+        else:
+            entry[0] = entry[0] + skipped
+            entry[1] = entry[1] + total
+
+    def skip_stats(self) -> dict[str, Any]:
+        """Share of the base plan's tiles skipped, overall and per layer name, since the last reset."""
+        per_layer = {}
+        skipped_all = total_all = 0
+        for name, (skipped, total) in self._stats.items():
+            s, t = int(skipped), int(total)
+            per_layer[name] = s / t if t else 0.0
+            skipped_all += s
+            total_all += t
+        return {"skipped_tile_share": skipped_all / total_all if total_all else 0.0, "per_layer": per_layer}
+
+    def reset_stats(self) -> None:
+        self._stats.clear()
