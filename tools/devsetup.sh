@@ -9,5 +9,7 @@ for f in "$PWD"/dit_sparse/*; do ln -s "$f" /tmp/dsroot/dit_sparse/; done
 ln -s "$PWD/kernels" /tmp/dsroot/dit_sparse/kernels
 ln -s "$PWD/pipelines" /tmp/dsroot/dit_sparse/pipelines
 ln -s "$PWD/eval" /tmp/dsroot/dit_sparse/eval
-export PYTHONPATH=/tmp/dsroot:/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=/tmp/dsroot:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# The repo root must not shadow /tmp/dsroot (its dit_sparse/ lacks the mapped subpackages).
+export PYTHONSAFEPATH=1
 python3 -c "import dit_sparse.kernels, torch; print('devsetup ok', torch.__version__, torch.cuda.get_device_name())" || return 1

@@ -1,0 +1,119 @@
+"""Reference pipeline: tiny random model end to end on CPU, save/load, loader errors, training script."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from dit_sparse.pipelines import reference_model as rm
+from dit_sparse.pipelines import train_reference as tr
+from dit_sparse.pipelines import video_data as vd
+
+PROMPTS = ["a red square moves left on a dark striped background", "a blue striped disc grows on a light cloudy background"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    p = rm.build_pipeline(tiny=True)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _run(p, **kw):
+    args = dict(num_inference_steps=3, generator=torch.Generator().manual_seed(0), height=32, width=48, num_frames=5)
+    args.update(kw)
+    return p(PROMPTS, **args).frames
+
+
+def test_tiny_pipeline_end_to_end(pipe):
+    out = _run(pipe)
+    assert out.shape == (2, 5, 32, 48, 3)
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    pt = _run(pipe, output_type="pt")
+    assert pt.shape == (2, 5, 3, 32, 48)
+    assert torch.allclose(pt.permute(0, 1, 3, 4, 2), torch.from_numpy(out), atol=1e-6)
+    # Same generator -> same video; guidance changes it.
+    assert (_run(pipe) == out).all()
+    assert abs(_run(pipe, guidance_scale=1.0) - out).max() > 1e-4
+
+
+def test_timestep_is_exposed_during_sampling(pipe):
+    stamps = []
+    h = pipe.transformer.register_forward_pre_hook(lambda m, a: stamps.append(pipe.current_timestep))
+    try:
+        _run(pipe, guidance_scale=2.0)
+    finally:
+        h.remove()
+    # 3 steps x (cond, uncond): both branches of a step see the same timestep, decreasing over steps.
+    assert len(stamps) == 6 and all(s is not None for s in stamps)
+    assert stamps[0] == stamps[1] and stamps[0] > stamps[2]
+    assert pipe.current_timestep is None
+
+
+def test_save_load_roundtrip(pipe, tmp_path):
+    ref = _run(pipe)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["text_encoder"] == ["dit_sparse.pipelines.text_encoder", "ReferenceTextEncoder"]
+    loaded = rm.load_reference_pipeline(tmp_path, device="cpu", dtype=torch.float32)
+    assert abs(_run(loaded) - ref).max() < 1e-4
+
+
+def test_loader_error_names_the_training_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_reference"):
+        rm.load_reference_pipeline(tmp_path, device="cpu")
+
+
+def test_text_encoder_padding_empty_prompt_and_unknown_words():
+    te = rm.build_text_encoder(tiny=True)
+    ids = te.tokenize(["", PROMPTS[0]])
+    assert ids[0, 0] == te.stoi["<bos>"] and (ids[0, 1:] == 0).all()
+    emb = te(ids)
+    assert emb.shape == (2, te.config.max_length, te.config.dim)
+    assert (emb[0, 1:] == 0).all() and emb[0, 0].abs().sum() > 0
+    n = len(PROMPTS[0].split()) + 1
+    assert (emb[1, n:] == 0).all() and (emb[1, :n].abs().sum(-1) > 0).all()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        te.tokenize("a purple square")
+    assert any("purple" in str(x.message) for x in w)
+
+
+def test_tokenizer_covers_every_generated_prompt():
+    te = rm.build_text_encoder(tiny=True)
+    prompts = vd.spec_prompts(vd.sample_specs(200, torch.Generator().manual_seed(1), two_object_prob=0.5, pan_prob=0.5))
+    ids = te.tokenize(prompts)
+    assert not (ids == te.stoi["<unk>"]).any()
+
+
+def test_concentration_metric_on_known_masses():
+    eye = torch.eye(20).view(1, 1, 20, 20)
+    c = tr.concentration(eye)
+    assert c["top5%"] == pytest.approx(1.0) and c["density_for_90%"] == pytest.approx(1 / 20)
+    uniform = torch.full((1, 1, 20, 20), 1 / 20)
+    c = tr.concentration(uniform)
+    assert c["top25%"] == pytest.approx(0.25, abs=1e-5) and c["top5%"] == pytest.approx(0.05, abs=1e-5)
+
+
+def test_training_script_runs_and_saves_a_loadable_pipeline(tmp_path):
+    out = tmp_path / "ref"
+    rc = tr.main(["--tiny", "--steps", "2", "--batch", "2", "--compile", "none", "--log-every", "1", "--out", str(out)])
+    assert rc == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 2 and len(log["losses"]) >= 2
+    loaded = rm.load_reference_pipeline(out, device="cpu", dtype=torch.float32)
+    loaded.set_progress_bar_config(disable=True)
+    frames = loaded("a red disc moves up on a dark cloudy background", num_inference_steps=2, height=16, width=16,
+                    num_frames=2).frames
+    assert frames.shape == (1, 2, 16, 16, 3)
+
+
+@pytest.mark.skipif(not (rm.DEFAULT_PATH / "transformer" / "diffusion_pytorch_model.safetensors").is_file(),
+                    reason="bundled weights not present")
+def test_bundled_model_loads_and_runs():
+    p = rm.load_reference_pipeline(device="cpu", dtype=torch.float32)
+    cfg = p.transformer.config
+    assert tuple(cfg.patch_size) == (1, 4, 4) and cfg.attention_head_dim == 64
+    out = p(PROMPTS[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), num_frames=2).frames
+    assert out.shape == (1, 2, 64, 64, 3)
