@@ -63,6 +63,10 @@ class SparseHandle:
         if not self.active:
             return
         for module, processor in self._originals.values():
+            # enable_parallelism() after apply() configured only the sparse processor: hand its config back.
+            current = module.get_processor() if hasattr(module, "get_processor") else module.processor
+            if getattr(current, "_parallel_config", None) is not None and hasattr(processor, "_parallel_config"):
+                processor._parallel_config = current._parallel_config
             module.set_processor(processor)
         detach_tracker(self.transformer)
         if getattr(self.transformer, _HANDLE_ATTR, None) is self:
@@ -124,6 +128,7 @@ def apply(
             link.bind_model(transformer, [name for name, _ in modules])
         link = link.base
     tracker = StepTracker(num_steps=num_steps)
+    tracker.model_family = adapter.family
     core = SparseAttentionCore(config, method_obj, tracker, num_layers=len(modules), backend=backend)
     originals: dict[str, tuple[torch.nn.Module, Any]] = {}
     try:

@@ -26,6 +26,7 @@ class AttentionContext:
     layout: VideoLayout | None
     sparsity: float
     state: dict[str, Any] = field(default_factory=dict)
+    model_family: str | None = None  # the adapter's family ("wan", "flux", ...), for saved per-model configs
 
     @property
     def key(self) -> tuple[str, str]:

@@ -37,6 +37,7 @@ class StepTracker:
         self.step = 0
         self.branch = DEFAULT_BRANCH
         self.layout: VideoLayout | None = None
+        self.model_family: str | None = None
         self.generation = 0
         self.forward_calls = 0
         self.branch_calls: dict[str, int] = {}
@@ -90,6 +91,7 @@ class StepTracker:
             layout=layout,
             sparsity=sparsity,
             state=state,
+            model_family=self.model_family,
         )
 
     def state_keys(self) -> list[tuple[str, str]]:

@@ -65,18 +65,28 @@ def reference_block_sparse_attention(
         if max_len == 0:
             continue
         keymask = torch.gather(bmask[:, :, i, :], 2, k_range)  # [B, H, Sk]
+        # Gather only the selected keys (padded to the widest (b, h)), so work scales with density.
+        n_sel = keymask.sum(-1)  # [B, H]
+        kmax = int(n_sel.max())
+        if kmax == 0:
+            continue
+        sel = torch.argsort(keymask.to(torch.int8), dim=-1, descending=True, stable=True)[..., :kmax]
+        sel_ok = torch.arange(kmax, device=q.device) < n_sel[..., None]  # [B, H, kmax]
+        ks = torch.gather(kp, 2, sel[..., None].expand(-1, -1, -1, D))
+        vs = torch.gather(vp, 2, sel[..., None].expand(-1, -1, -1, D))
+        sel_range = torch.gather(k_range, 2, sel)
         for c0 in range(0, max_len, chunk):
             rows = c0 + arange_chunk[: min(chunk, max_len - c0)]  # [L]
             row_ok = rows < length[..., None]  # [B, H, L]
             pos = (start[..., None] + rows).clamp(max=Sq - 1)  # [B, H, L]
             qc = torch.gather(qp, 2, pos[..., None].expand(-1, -1, -1, D))
-            s = torch.matmul(qc, kp.transpose(-1, -2)) * scale  # [B, H, L, Sk]
-            s = s.masked_fill(~keymask[:, :, None, :], -math.inf)
+            s = torch.matmul(qc, ks.transpose(-1, -2)) * scale  # [B, H, L, kmax]
+            s = s.masked_fill(~sel_ok[:, :, None, :], -math.inf)
             m = s.amax(-1, keepdim=True)
             m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             p = torch.exp(s - m_safe)
             denom = p.sum(-1, keepdim=True)
-            o = torch.matmul(p, vp) / denom.clamp_min(torch.finfo(compute_dtype).tiny)
+            o = torch.matmul(p, vs) / denom.clamp_min(torch.finfo(compute_dtype).tiny)
             o = torch.where(denom > 0, o, torch.zeros_like(o))
             lse = (m_safe + torch.log(denom)).squeeze(-1).float()  # -inf where the row is empty
             o = torch.where(row_ok[..., None], o, torch.zeros_like(o))
@@ -85,9 +95,9 @@ def reference_block_sparse_attention(
             _masked_row_write(out_p, idx, o)
             _masked_row_write(lse_p[..., None], idx, lse[..., None])
             if tile_max is not None:
-                s_rows = s.masked_fill(~row_ok[..., None], -math.inf).amax(2).float()  # [B, H, Sk]
+                s_rows = s.masked_fill(~row_ok[..., None], -math.inf).amax(2).float()  # [B, H, kmax]
                 tm = torch.full((B, H, NK), -math.inf, dtype=torch.float32, device=q.device)
-                tm.scatter_reduce_(2, k_range, s_rows, reduce="amax")
+                tm.scatter_reduce_(2, sel_range, s_rows, reduce="amax")
                 tile_max[:, :, i] = torch.maximum(tile_max[:, :, i], tm)
 
     out = torch.empty_like(out_p)

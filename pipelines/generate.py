@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 from pathlib import Path
 
@@ -10,13 +12,14 @@ import torch
 
 import dit_sparse
 from dit_sparse.config import ConfigError, check_sparsity
+from dit_sparse.parallel import enable_ulysses, init_distributed
 
 from .adapters import UnsupportedModelError
 from .loading import BUNDLED, ModelLoadError, load_model, resolve_device
 from .runner import RunSettings, timed_generation
 from .video_io import OutputPathError, check_writable, write_video
 
-DEFAULT_PROMPT = "a red disc moving right and a blue square moving up over a striped background"
+DEFAULT_PROMPT = "a red disc moves right and a blue square moves up on a striped background"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--backend", default="auto", help="kernel backend: auto, reference, triton, flex")
+    p.add_argument("--cp", type=int, default=1, metavar="N",
+                   help="Ulysses context parallelism over N processes: launch with `torchrun --nproc-per-node N` "
+                        "(see docs/context-parallel.md); rank 0 prints and writes the video")
 
 
 def _fmt_s(x: float | None) -> str:
@@ -42,20 +48,53 @@ def _fmt_s(x: float | None) -> str:
 
 
 def run(ns: argparse.Namespace) -> int:
+    rank = 0
     try:
         check_sparsity(ns.sparsity)
         if ns.steps < 1:
             raise ConfigError(f"--steps must be >= 1, got {ns.steps}")
+        if ns.cp < 1:
+            raise ConfigError(f"--cp must be >= 1, got {ns.cp}")
         out_path = check_writable(ns.out)
         device = resolve_device(ns.device)
+        if ns.cp > 1:
+            rank, world, device = init_distributed(device)
+            if world != ns.cp:
+                raise ConfigError(f"--cp {ns.cp} needs exactly {ns.cp} processes, torchrun started {world}: "
+                                  f"use `torchrun --nproc-per-node {ns.cp}`")
         dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
         dit_sparse.method.build_method(ns.method, ns.sparsity, {})  # validate the method name early
         loaded = load_model(ns.model, device, dtype)
+        if ns.cp > 1:
+            try:
+                enable_ulysses(loaded.pipe.transformer, ns.cp)
+            except ValueError as exc:  # e.g. heads not divisible, or a backend without context parallelism
+                raise ConfigError(f"cannot run {ns.model} with --cp {ns.cp}: {exc}") from exc
     except (ConfigError, ModelLoadError, OutputPathError, UnsupportedModelError) as exc:
         print(f"dit-sparse generate: error: {exc}", file=sys.stderr)
+        _stop_distributed(ns)
         return 2
+    # Every rank runs the same generation; only rank 0 reports and writes.
+    if rank and hasattr(loaded.pipe, "set_progress_bar_config"):
+        loaded.pipe.set_progress_bar_config(disable=True)
+    quiet = contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext()
+    try:
+        with quiet:
+            return _generate(ns, loaded, device, out_path, write=rank == 0)
+    finally:
+        _stop_distributed(ns)
+
+
+def _stop_distributed(ns: argparse.Namespace) -> None:
+    if ns.cp > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _generate(ns: argparse.Namespace, loaded, device: torch.device, out_path, write: bool) -> int:
     print(f"model: {loaded.name} - {loaded.description}")
-    print(f"device: {device}  method: {ns.method}  sparsity: {ns.sparsity}  steps: {ns.steps}  seed: {ns.seed}")
+    print(f"device: {device}  method: {ns.method}  sparsity: {ns.sparsity}  steps: {ns.steps}  seed: {ns.seed}"
+          + (f"  context parallel: Ulysses x{ns.cp} (rank 0 of {ns.cp} reports its own heads' sparsity)"
+             if ns.cp > 1 else ""))
 
     settings = RunSettings(steps=ns.steps, warmup_steps=ns.warmup, warmup_layers=ns.warmup_layers,
                            backend=ns.backend)
@@ -63,7 +102,7 @@ def run(ns: argparse.Namespace) -> int:
     if ns.compare_dense:
         dense = timed_generation(loaded, ns.prompt, ns.seed, device, "dense", 0.0, settings)
     sparse = timed_generation(loaded, ns.prompt, ns.seed, device, ns.method, ns.sparsity, settings)
-    written = write_video(sparse.frames, out_path)
+    written = write_video(sparse.frames, out_path) if write else out_path
 
     st = sparse.stats
     rest = None if sparse.attention_s is None else sparse.total_s - sparse.attention_s

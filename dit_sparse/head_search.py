@@ -1,0 +1,230 @@
+"""Per-head choice of a 3D tile pattern: online (sampled rows, every few steps) or offline (a search on
+one prompt against dense attention), and the JSON file an offline search is saved to.
+
+Both score a candidate pattern the same way: take a few query rows, compute their exact attention output
+and their output under the candidate's mask, and measure the relative squared error
+||o_masked - o_exact||^2 / ||o_exact||^2 per (batch, head). The online choice (Sparse VideoGen style) picks
+the lowest-error candidate per head among a handful of budget-sized kinds; the offline search accumulates
+errors over a whole dense generation for every window and radial pattern that fits the budget, and keeps
+the best one per (layer, head).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError
+from .layout import VideoLayout
+from .patterns3d import TilePattern, range_mask
+from .tiling import Tile, VideoTiling
+
+Tensor = torch.Tensor
+FORMAT = "dit-sparse/window3d-heads"
+VERSION = 1
+
+
+class HeadConfigMismatch(ConfigError):
+    """A head_config file was searched for another model family or video grid."""
+
+
+# ---------------------------------------------------------------------- scoring
+def sample_rows(tiling: VideoTiling, count: int, seed: int = 0) -> Tensor:
+    """int64 [R] sorted original indices of up to `count` distinct random video query tokens (CPU)."""
+    L = tiling.layout
+    g = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFF)
+    pick = torch.randperm(L.video_tokens, generator=g)[: min(count, L.video_tokens)]
+    return pick.sort().values + L.video_start
+
+
+def pattern_errors(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, patterns: list[TilePattern],
+                   rows: Tensor, scale: float | None = None, max_elems: int = 1 << 25) -> Tensor:
+    """float32 [B, H, P] relative error of each pattern's masked attention on the sampled query `rows`.
+
+    q, k, v: [B, H, S, D] in original token order. Work is split over heads so the float32 logits never
+    exceed `max_elems` elements.
+    """
+    B, H, S, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    rows_cpu = rows.cpu()
+    key_range = tiling.range_of_token
+    q_range = key_range[rows_cpu]
+    masks = torch.stack([range_mask(tiling, p)[q_range][:, key_range] for p in patterns]).to(q.device)
+    rows = rows_cpu.to(q.device)
+    R = rows.numel()
+    chunk = max(1, min(H, max_elems // max(B * R * S, 1)))
+    out = torch.empty(B, H, len(patterns), dtype=torch.float32, device=q.device)
+    for h0 in range(0, H, chunk):
+        hs = slice(h0, min(H, h0 + chunk))
+        qs = q[:, hs].index_select(2, rows).float()
+        vs = v[:, hs].float()
+        logits = torch.matmul(qs, k[:, hs].float().transpose(-1, -2)) * scale  # [B, h, R, S]
+        exact = torch.matmul(torch.softmax(logits, -1), vs)
+        norm = exact.square().sum((-1, -2)).clamp_min(torch.finfo(torch.float32).tiny)
+        for j in range(len(patterns)):
+            masked = torch.softmax(logits.masked_fill(~masks[j], -math.inf), -1)
+            approx = torch.matmul(masked, vs)
+            out[:, hs, j] = (approx - exact).square().sum((-1, -2)) / norm
+    return out
+
+
+def classify_heads(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, patterns: list[TilePattern],
+                   rows: Tensor) -> list[int]:
+    """Index into `patterns` of the lowest-error pattern per head (errors averaged over the batch)."""
+    return pattern_errors(q, k, v, tiling, patterns, rows).mean(0).argmin(-1).tolist()
+
+
+# ---------------------------------------------------------------------- saved assignments
+@dataclass
+class HeadAssignment:
+    """Per-layer, per-head patterns found by an offline search, tied to one model family and grid."""
+
+    model_family: str | None
+    grid: tuple[int, int, int]
+    tile: Tile
+    sparsity: float
+    heads: dict[str, list[TilePattern]]
+    text_tokens: int = 0
+    errors: dict[str, list[float]] = field(default_factory=dict)
+    block: int | None = None  # fixed-block ranges the search was run with (None: exact tiles)
+
+    def check(self, layout: VideoLayout, model_family: str | None = None) -> None:
+        """Raise `HeadConfigMismatch` unless `layout`'s grid (and `model_family`, when known) match."""
+        grid = (layout.frames, layout.rows, layout.cols)
+        if model_family and self.model_family and model_family != self.model_family:
+            raise HeadConfigMismatch(
+                f"head_config was searched for model family {self.model_family!r} but is used with "
+                f"{model_family!r}; run dit_sparse.head_search.search_heads on this model"
+            )
+        if grid != tuple(self.grid):
+            g = "x".join(map(str, self.grid))
+            raise HeadConfigMismatch(
+                f"head_config was searched for the video grid {g} (frames x rows x cols) but this call has "
+                f"{'x'.join(map(str, grid))}; search again at this resolution/length, or drop head_config "
+                f"to choose heads online"
+            )
+
+    def patterns_for(self, layer_name: str, heads: int) -> tuple[TilePattern, ...]:
+        """The pattern of each head of `layer_name` (raises a clear error for unknown layers/head counts)."""
+        if layer_name not in self.heads:
+            raise HeadConfigMismatch(
+                f"head_config has no entry for layer {layer_name!r} (it has {len(self.heads)} layers, e.g. "
+                f"{sorted(self.heads)[:3]}); it was searched on a different model"
+            )
+        pats = self.heads[layer_name]
+        if len(pats) != heads:
+            raise HeadConfigMismatch(
+                f"head_config lists {len(pats)} heads for layer {layer_name!r} but the model has {heads}"
+            )
+        return tuple(pats)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_family": self.model_family,
+            "grid": list(self.grid),
+            "text_tokens": self.text_tokens,
+            "tile": list(self.tile),
+            "block": self.block,
+            "sparsity": self.sparsity,
+            "heads": {name: [p.to_json() for p in pats] for name, pats in self.heads.items()},
+            "errors": self.errors,
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> HeadAssignment:
+        if d.get("format") != FORMAT:
+            raise ConfigError(f"not a window3d head_config (format {d.get('format')!r}, expected {FORMAT!r})")
+        if d.get("version") != VERSION:
+            raise ConfigError(f"head_config version {d.get('version')!r} is not supported (expected {VERSION})")
+        try:
+            return cls(
+                model_family=d.get("model_family"),
+                grid=tuple(int(x) for x in d["grid"]),  # type: ignore[arg-type]
+                tile=tuple(int(x) for x in d["tile"]),  # type: ignore[arg-type]
+                sparsity=float(d["sparsity"]),
+                heads={name: [TilePattern.from_json(p) for p in pats] for name, pats in d["heads"].items()},
+                text_tokens=int(d.get("text_tokens", 0)),
+                errors=d.get("errors", {}),
+                block=None if d.get("block") is None else int(d["block"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed window3d head_config: {exc}") from exc
+
+    @classmethod
+    def load(cls, path: str | Path, layout: VideoLayout | None = None,
+             model_family: str | None = None) -> HeadAssignment:
+        """Read a file written by `save`; checks grid/family when given."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"head_config file {str(path)!r} does not exist") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"head_config file {str(path)!r} is not JSON: {exc}") from exc
+        out = cls.from_json(data)
+        if layout is not None:
+            out.check(layout, model_family)
+        elif model_family:
+            out.check(VideoLayout(*out.grid), model_family)
+        return out
+
+
+def assignment_from_calibration(calibration: dict[str, dict[str, Any]], sparsity: float,
+                                model_family: str | None) -> HeadAssignment:
+    """Best pattern per (layer, head) from the error sums a calibrating "window3d" method collected."""
+    if not calibration:
+        raise ConfigError(
+            "the head search saw no sparse-eligible self-attention call: check that `run` calls the model "
+            "and that its video grid is known"
+        )
+    heads: dict[str, list[TilePattern]] = {}
+    errors: dict[str, list[float]] = {}
+    tiling: VideoTiling | None = None
+    for name, entry in calibration.items():
+        tiling = entry["tiling"]
+        mean = entry["err"] / entry["calls"]  # [H, P]
+        best = mean.argmin(-1)
+        heads[name] = [entry["candidates"][int(i)] for i in best]
+        errors[name] = [float(mean[h, int(i)]) for h, i in enumerate(best)]
+    assert tiling is not None
+    L = tiling.layout
+    return HeadAssignment(model_family, (L.frames, L.rows, L.cols), tiling.tile, float(sparsity), heads,
+                          L.text_tokens, errors, tiling.block)
+
+
+def search_heads(target: Any, run: Callable[[], Any], sparsity: float, *, tile: Tile | str = "auto",
+                 block: int | None = None, sample_rows: int = 256, first_frame_sink: bool = False,
+                 path: str | Path | None = None, seed: int = 0) -> HeadAssignment:
+    """Offline per-head search on one dense generation.
+
+    Applies "window3d" in calibrate mode to `target` (a pipeline or transformer), calls `run()` (which must
+    run the model, e.g. ``lambda: pipe(prompt, num_inference_steps=10)``), and for every layer and head keeps
+    the window or radial pattern of density <= 1 - sparsity with the lowest mean error against dense
+    attention. Attention stays dense during the search. Saves to `path` when given.
+    """
+    import dit_sparse
+
+    handle = dit_sparse.apply(
+        target, "window3d", sparsity, warmup_steps=0, warmup_layers=0, calibrate=True, tile=tile, block=block,
+        sample_rows=sample_rows, first_frame_sink=first_frame_sink, seed=seed,
+    )
+    try:
+        with torch.no_grad():
+            run()
+        calibration = handle.method.calibration
+    finally:
+        handle.remove()
+    result = assignment_from_calibration(calibration, sparsity, getattr(handle.adapter, "family", None))
+    if path is not None:
+        result.save(path)
+    return result
