@@ -20,6 +20,7 @@ from dit_sparse.kernels import block_sparse_attention
 
 from .config import SparseConfig
 from .method import SparseMethod
+from .parallel import UlyssesGroup, context_parallel_of, gathered_order, sharded_layout, ulysses_group
 from .stats import SparsityStats
 from .tracking import StepTracker
 
@@ -66,12 +67,26 @@ class SparseAttentionCore:
         text_first: bool | None = None,
         attention_mask: Tensor | None = None,
         scale: float | None = None,
+        parallel_config: Any = None,
     ) -> Tensor:
-        """Self-attention of query/key/value given in Diffusers' [B, S, H, D] layout -> [B, S, H, D]."""
+        """Self-attention of query/key/value given in Diffusers' [B, S, H, D] layout -> [B, S, H, D].
+
+        `parallel_config` is the processor's Diffusers `_parallel_config`. Under Ulysses context
+        parallelism the inputs are this rank's sequence shard and the sparse path exchanges them to head
+        shards around the plan and kernel (`dit_sparse.parallel`); other parallel modes run `dense_fn`.
+        """
         B, S, H, D = query.shape
         with self._section():
             if self.config.is_dense:
                 return dense_fn()
+            group, why = ulysses_group(parallel_config, H)
+            if why is not None:
+                self._warn_once(why)
+                self.stats.add_dense(B * H * S * key.shape[1] * _cp_size(parallel_config), fallback=True)
+                return dense_fn()
+            if group is not None:
+                return self._attend_ulysses(query, key, value, group, layer, layer_name, dense_fn, text_first,
+                                            attention_mask, scale)
             layout = self.tracker.layout
             if layout is not None:
                 try:
@@ -81,7 +96,8 @@ class SparseAttentionCore:
             ctx = self.tracker.context(layer, layer_name, self.num_layers, self.config.sparsity, layout)
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S, D] views, no copy
             if self.config.warmup.is_dense(ctx.step, ctx.num_steps, layer):
-                self.method.warmup(q, k, v, ctx)
+                if layer >= self.config.warmup.layers:  # permanently dense layers never use a cache
+                    self.method.warmup(q, k, v, ctx)
                 self.stats.add_dense(B * H * S * key.shape[1])
                 return dense_fn()
             reason = self._unsupported(query, key, attention_mask)
@@ -107,6 +123,64 @@ class SparseAttentionCore:
             self.stats.add_sparse(plan)
             return result.out.transpose(1, 2)
 
+    def _attend_ulysses(self, query, key, value, group: UlyssesGroup, layer, layer_name, dense_fn, text_first,
+                        attention_mask, scale) -> Tensor:
+        """The sparse path on this rank's sequence shard: exchange to head shards, plan, run, exchange back.
+
+        Every choice made before the exchange is the same on all ranks (config, step, layer, shapes; a
+        mask is agreed on with one all-reduce), so all ranks take the same collectives. After the
+        exchange a method may still return no plan for its heads: those run dense locally.
+        """
+        B, S, H, D = query.shape
+        n = group.size
+        pairs = B * H * S * key.shape[1] * n  # this rank's share of the query-key pairs
+        layout = self.tracker.layout
+        if layout is not None:
+            try:
+                layout = layout.with_text(S * n, text_first)
+            except ValueError:
+                layout = None
+        if not sharded_layout(layout, n):
+            layout = None  # text/video shards of unknown sizes: the gathered order is not the model's
+        ctx = self.tracker.context(layer, layer_name, self.num_layers, self.config.sparsity, layout)
+        warm = self.config.warmup.is_dense(ctx.step, ctx.num_steps, layer)
+        reason = self._unsupported(query, key, attention_mask)
+        if attention_mask is not None:  # masks are sharded data: every rank must reach the same verdict
+            reason = reason if group.all_true(reason is None, query.device) else (
+                reason or "the model passed an attention mask with masked positions on another rank")
+        if reason is not None or (warm and not _has_warmup(self.method)):
+            if reason is not None and not warm:
+                self._warn_once(reason)
+            self.stats.add_dense(pairs, fallback=reason is not None and not warm)
+            return dense_fn()
+        q, k, v = group.to_heads(query, key, value)  # [B, S*n, H/n, D]: all tokens of this rank's heads
+        order = gathered_order(layout, n, q.device)
+        if order is not None:
+            q, k, v = (t.index_select(1, order[0]) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H/n, S*n, D] views
+        plan = None
+        if warm:
+            self.method.warmup(q, k, v, ctx)
+        else:
+            if _layer_budget(self.method) and "layer budget" not in self._warned:
+                self._warned.add("layer budget")
+                warnings.warn("dit-sparse: under context parallelism budget_scope='layer' shares the budget "
+                              "among each rank's heads only", stacklevel=3)
+            plan = self.method.plan(q, k, v, ctx)
+        if plan is None:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+            self.stats.add_dense(pairs)
+        else:
+            result = block_sparse_attention(q, k, v, plan, scale=scale, return_lse=self.method.wants_lse,
+                                            return_tile_stats=self.method.wants_tile_stats, backend=self.backend)
+            self.method.observe(ctx, plan, result)
+            self.stats.add_sparse(plan)
+            out = result.out
+        out = out.transpose(1, 2)  # [B, S*n, H/n, D]
+        if order is not None:
+            out = out.index_select(1, order[1])
+        return group.to_sequence(out)
+
     @staticmethod
     def _unsupported(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> str | None:
         if key.shape[1] != query.shape[1]:
@@ -118,3 +192,27 @@ class SparseAttentionCore:
         if allowed is not None and not bool(allowed.all()):
             return "the model passed an attention mask with masked positions (not expressible as a block plan)"
         return None
+
+
+def _cp_size(parallel_config: Any) -> int:
+    """Ranks the sequence is sharded over (1 without context parallelism)."""
+    cp = context_parallel_of(parallel_config)
+    return 1 if cp is None else int(cp.ring_degree or 1) * int(cp.ulysses_degree or 1)
+
+
+def _has_warmup(method: SparseMethod) -> bool:
+    """Whether `method` or a method it wraps overrides `warmup` (then warm-up calls must see head shards)."""
+    while method is not None:
+        if type(method).warmup is not SparseMethod.warmup:
+            return True
+        method = method.base
+    return False
+
+
+def _layer_budget(method: SparseMethod) -> bool:
+    """Whether a method in the chain pools its budget over all heads of a layer."""
+    while method is not None:
+        if getattr(method.options, "budget_scope", None) == "layer":
+            return True
+        method = method.base
+    return False

@@ -9,6 +9,7 @@ a base method, which is how methods compose: ``method="semantic+skip"``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -64,6 +65,22 @@ class SparseMethod:
         """Called instead of `plan` on dense warm-up calls (e.g. to warm a clustering cache)."""
         if self.base is not None:
             self.base.warmup(q, k, v, ctx)
+
+
+def reuse_plan(ctx: AttentionContext, key: str, signature: Any, every: int,
+               build: Callable[[], BlockPlan | None]) -> BlockPlan | None:
+    """Return the plan cached in ctx.state under `key` if it was built fewer than `every` denoising steps
+    ago for the same input `signature`; otherwise build, cache and return a new one.
+
+    Returning the *same* plan object also lets the kernels reuse their per-plan preparation, so the
+    steps in between cost only the attention itself.
+    """
+    cached = ctx.state.get(key)
+    if cached is not None and cached[0] == signature and 0 <= ctx.step - cached[1] < every:
+        return cached[2]
+    plan = build()
+    ctx.state[key] = (signature, ctx.step, plan)
+    return plan
 
 
 _METHODS: dict[str, type[SparseMethod]] = {}

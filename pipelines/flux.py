@@ -16,6 +16,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from dit_sparse.layout import VideoLayout
+from dit_sparse.parallel import root_split_factor
 
 from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
 
@@ -67,7 +68,7 @@ class FluxSparseAttnProcessor(FluxAttnProcessor):
         mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
         out = self.core.attend(
             query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=True,
-            attention_mask=mask,
+            attention_mask=mask, parallel_config=self._parallel_config,
         )
         out = out.flatten(2, 3).to(query.dtype)
 
@@ -136,4 +137,6 @@ class FluxAdapter(ModelAdapter):
         if x is None or x.dim() != 3:
             return None
         grid = _image_grid(arg(args, kwargs, "img_ids", 4), x.shape[1])
-        return VideoLayout(1, *grid) if grid is not None else None
+        # Under context parallelism the tracker may see one shard of whole rows: scale the rows back up.
+        split = root_split_factor(model)
+        return VideoLayout(1, grid[0] * split, grid[1]) if grid is not None else None

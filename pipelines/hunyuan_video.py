@@ -160,7 +160,7 @@ class HunyuanVideoSparseAttnProcessor(HunyuanVideoAttnProcessor2_0):
         if valid is None or valid == seq_len:
             return self.core.attend(
                 query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense,
-                text_first=False, attention_mask=attention_mask,
+                text_first=False, attention_mask=attention_mask, parallel_config=self._parallel_config,
             )
         q, k, v = query[:, :valid], key[:, :valid], value[:, :valid]
         out = self.core.attend(

@@ -9,6 +9,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
 from dit_sparse.layout import VideoLayout
+from dit_sparse.parallel import root_split_factor
 
 from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
 
@@ -58,7 +59,8 @@ class LTXVideoSparseAttnProcessor(LTXVideoAttnProcessor):
 
         mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
         out = self.core.attend(
-            query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, attention_mask=mask
+            query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, attention_mask=mask,
+            parallel_config=self._parallel_config,
         )
         out = out.flatten(2, 3).to(query.dtype)
         out = attn.to_out[0](out)
@@ -96,7 +98,7 @@ class LTXVideoAdapter(ModelAdapter):
         if x is None or x.dim() != 3 or any(s is None for s in sizes):
             return None
         f, h, w = (int(s) for s in sizes)
-        seq_len = x.shape[1]
+        seq_len = x.shape[1] * root_split_factor(model)  # context parallelism may have split x already
         if f * h * w != seq_len:  # sizes given before patching
             pt, p = model.config.patch_size_t, model.config.patch_size
             f, h, w = f // pt, h // p, w // p

@@ -60,7 +60,8 @@ class WanSparseAttnProcessor(WanAttnProcessor):
             )
 
         out = self.core.attend(
-            query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, attention_mask=attention_mask
+            query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense,
+            attention_mask=attention_mask, parallel_config=self._parallel_config,
         )
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)

@@ -1,0 +1,96 @@
+"""Pooled blocks ("pooled"): the position-based baseline on the same kernels and budget rule.
+
+Tokens stay in natural order and are cut into fixed blocks. Each block's queries and keys are
+mean-pooled; the block logit is pooled q . pooled k * scale, and blocks are chosen by
+`dit_sparse.budget.select_blocks` exactly like the semantic method's clusters, so the two differ only
+in how tokens are grouped. Blocks that hold text tokens (joint attention) are computed in both
+directions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .budget import select_blocks
+from .context import AttentionContext
+from .method import SparseMethod, register_method, reuse_plan
+from .plan import BlockPlan
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class PooledConfig:
+    """Options of the "pooled" method: block size (tokens, power of two >= 16), top_p, min_block_ratio
+    (key blocks per query block taken before top-p candidates), budget_scope ("head" or "layer"),
+    replan_every (denoising steps a plan is reused for; 1 = re-estimate every step)."""
+
+    block_size: int = 64
+    top_p: float = 0.9
+    min_block_ratio: float = 0.02
+    budget_scope: str = "head"
+    replan_every: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.replan_every, int) or self.replan_every < 1:
+            raise ValueError(f"replan_every must be an integer >= 1, got {self.replan_every!r}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_block_ratio <= 1.0:
+            raise ValueError(f"min_block_ratio must lie in [0, 1], got {self.min_block_ratio}")
+        if self.budget_scope not in ("head", "layer"):
+            raise ValueError(f"budget_scope must be 'head' or 'layer', got {self.budget_scope!r}")
+
+
+def mean_pool(x: Tensor, block: int) -> Tensor:
+    """Mean of each run of `block` tokens of x [B, H, S, D] (last block may be short): float32 [B, H, N, D]."""
+    B, H, S, D = x.shape
+    n = (S + block - 1) // block
+    padded = F.pad(x.float(), (0, 0, 0, n * block - S))
+    sums = padded.reshape(B, H, n, block, D).sum(3)
+    sizes = (torch.arange(1, n + 1, device=x.device) * block).clamp(max=S) - torch.arange(n, device=x.device) * block
+    return sums / sizes[:, None].float()
+
+
+@register_method
+class PooledBlocks(SparseMethod):
+    """Fixed blocks in natural order, scored by mean-pooled q . k."""
+
+    name = "pooled"
+    Config = PooledConfig
+
+    def plan(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> BlockPlan | None:
+        sig = (tuple(q.shape), q.device, self.sparsity)
+        return reuse_plan(ctx, "pooled_plan", sig, self.options.replan_every, lambda: self._plan(q, k, ctx))
+
+    def _plan(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> BlockPlan:
+        B, H, S, D = q.shape
+        bs = self.options.block_size
+        n = (S + bs - 1) // bs
+        logits = torch.matmul(mean_pool(q, bs), mean_pool(k, bs).transpose(-1, -2)) * (1.0 / math.sqrt(D))
+        starts = torch.arange(n, device=q.device) * bs
+        sizes = (starts + bs).clamp(max=S) - starts
+        sizes = sizes.expand(B, H, n)
+        text = None
+        layout = ctx.layout
+        if layout is not None and layout.text_tokens > 0 and layout.seq_len == S:
+            t0, t1 = layout.text_start, layout.text_start + layout.text_tokens
+            text = (starts < t1) & (starts + bs > t0)  # blocks holding any text token
+        mask = select_blocks(
+            logits,
+            sizes,
+            sizes,
+            self.sparsity,
+            top_p=self.options.top_p,
+            min_blocks=max(1, math.ceil(self.options.min_block_ratio * n)),
+            force_q=text,
+            force_k=text,
+            budget_scope=self.options.budget_scope,
+        )
+        return BlockPlan.from_block_mask(mask, bs, S)

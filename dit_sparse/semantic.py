@@ -1,0 +1,180 @@
+"""Semantic permutation ("semantic"): cluster queries and keys, attend between similar clusters.
+
+Per (batch, head), queries and keys of the video tokens are clustered separately with k-means
+(`dit_sparse.kmeans`). Tokens are ordered by cluster (the plan carries the permutation; nothing is
+moved in memory), so each cluster is one contiguous range and a (query cluster, key cluster) block is
+a block of the plan. Blocks are scored from the centroids, P'_ij ~ |K_j| exp(Qc_i . Kc_j * scale),
+and chosen by `dit_sparse.budget.select_blocks` under the target sparsity.
+
+Centroids are cached in the per-(layer, CFG branch) state and refined with a few Lloyd iterations each
+call (cold start: more iterations from strided seeds). Dense warm-up calls run the clustering too, so
+the first sparse step starts warm. Text tokens of joint-attention models are left out of the
+clustering and placed as one range at the end of both orders: text queries attend every key range and
+every query range attends the text keys; those pairs count toward the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .budget import select_blocks
+from .context import AttentionContext
+from .kmeans import KMeansResult, kmeans
+from .method import SparseMethod, register_method, reuse_plan
+from .plan import BlockPlan
+
+Tensor = torch.Tensor
+
+_STATE_KEY = "semantic"
+
+
+def default_clusters(seq_len: int) -> tuple[int, int]:
+    """(query clusters, key clusters) for `seq_len` video tokens.
+
+    32 / 128 at 4,096 tokens; query clusters grow as S^(2/3) and key clusters as S^(1/3) (128 / 256 at
+    Wan-1.3B's 32,760, 224 / 336 at 75,600), never coarser than 8 / 32 so short sequences still reach
+    high sparsity, capped at 256 / 1,024 and at S. Key clusters grow slowly on purpose: at 32,760 tokens
+    on an H100 (benchmarks/semantic.md) the block-sparse kernel at sparsity 0.9 took 2.8 ms with 250
+    key clusters and 5.0 ms with 1,000 (q = 100), while the output error on clustered inputs barely
+    moved; more query clusters lowered the error at a small kernel cost.
+    """
+    scale = seq_len / 4096
+    nq = min(max(8, 8 * round(4 * scale ** (2 / 3))), 256)
+    nk = min(max(32, 8 * round(16 * scale ** (1 / 3))), 1024)
+    return max(1, min(nq, seq_len)), max(1, min(nk, seq_len))
+
+
+@dataclass(frozen=True)
+class SemanticConfig:
+    """Options of the "semantic" method (see the module docstring).
+
+    num_q_clusters / num_k_clusters: None = `default_clusters(video tokens)`.
+    top_p: attention mass per query cluster after which no more key clusters are added.
+    min_kc_ratio: fraction of key clusters every query cluster takes before top-p candidates (at
+        least one), still inside the sparsity budget.
+    cold_iters / warm_iters: Lloyd iterations without / with cached centroids.
+    init: cold-start seeding, "strided" (free) or "kmeans++" (K sequential steps on a subsample).
+    budget_scope: "head" (each head meets the target) or "layer" (heads share one budget).
+    replan_every: re-cluster and re-select every this many denoising steps, reusing the plan (token
+        order and selected blocks) in between; 1 = every step. Larger values trade a little quality for
+        planning cost (k-means plus selection are paid once per `replan_every` steps).
+    """
+
+    num_q_clusters: int | None = None
+    num_k_clusters: int | None = None
+    top_p: float = 0.9
+    min_kc_ratio: float = 0.02
+    cold_iters: int = 20
+    warm_iters: int = 2
+    init: str = "strided"
+    budget_scope: str = "head"
+    replan_every: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.replan_every, int) or self.replan_every < 1:
+            raise ValueError(f"replan_every must be an integer >= 1, got {self.replan_every!r}")
+        for name in ("num_q_clusters", "num_k_clusters"):
+            val = getattr(self, name)
+            if val is not None and (not isinstance(val, int) or val < 1):
+                raise ValueError(f"{name} must be a positive integer or None (automatic), got {val!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_kc_ratio <= 1.0:
+            raise ValueError(f"min_kc_ratio must lie in [0, 1], got {self.min_kc_ratio}")
+        if self.cold_iters < 1 or self.warm_iters < 1:
+            raise ValueError(f"cold_iters and warm_iters must be >= 1, got {self.cold_iters}, {self.warm_iters}")
+        if self.budget_scope not in ("head", "layer"):
+            raise ValueError(f"budget_scope must be 'head' or 'layer', got {self.budget_scope!r}")
+        if self.init not in ("strided", "kmeans++"):
+            raise ValueError(f"init must be 'strided' or 'kmeans++', got {self.init!r}")
+
+
+def _video_span(S: int, ctx: AttentionContext) -> tuple[int, int]:
+    """(first video token, number of video tokens) of this call; all tokens when the layout is unknown."""
+    layout = ctx.layout
+    if layout is None or layout.text_tokens == 0 or layout.seq_len != S:
+        return 0, S
+    return layout.video_start, layout.video_tokens
+
+
+@register_method
+class SemanticPermutation(SparseMethod):
+    """K-means permutation of queries and keys with centroid-scored block selection."""
+
+    name = "semantic"
+    Config = SemanticConfig
+
+    # ------------------------------------------------------------------ clustering
+    def cluster_counts(self, video_tokens: int) -> tuple[int, int]:
+        nq, nk = default_clusters(video_tokens)
+        o = self.options
+        nq = min(o.num_q_clusters or nq, video_tokens)
+        nk = min(o.num_k_clusters or nk, video_tokens)
+        return nq, nk
+
+    def cluster(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> tuple[KMeansResult, KMeansResult]:
+        """K-means of the video queries and keys ([B, H, Sv, D] views), warm-started from ctx.state."""
+        B, H, S, D = q.shape
+        nq, nk = self.cluster_counts(S)
+        sig = (B, H, S, D, nq, nk, q.device)
+        cache = ctx.state.get(_STATE_KEY)
+        warm = cache is not None and cache["sig"] == sig
+        o = self.options
+        iters = o.warm_iters if warm else o.cold_iters
+        qr = kmeans(q, nq, iters, init=cache["q"] if warm else o.init)
+        kr = kmeans(k, nk, iters, init=cache["k"] if warm else o.init)
+        ctx.state[_STATE_KEY] = {"sig": sig, "q": qr.centroids, "k": kr.centroids}
+        return qr, kr
+
+    def warmup(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> None:
+        start, n = _video_span(q.shape[2], ctx)
+        self.cluster(q[:, :, start : start + n], k[:, :, start : start + n], ctx)
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> BlockPlan | None:
+        sig = (tuple(q.shape), q.device, self.sparsity)
+        return reuse_plan(ctx, "semantic_plan", sig, self.options.replan_every, lambda: self._plan(q, k, ctx))
+
+    def _plan(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> BlockPlan:
+        B, H, S, D = q.shape
+        start, n = _video_span(S, ctx)
+        qv, kv = q[:, :, start : start + n], k[:, :, start : start + n]
+        qr, kr = self.cluster(qv, kv, ctx)
+        q_perm, q_off, k_perm, k_off = qr.perm, qr.offsets, kr.perm, kr.offsets
+        qc, kc = qr.centroids, kr.centroids
+        q_sizes, k_sizes = qr.counts, kr.counts
+        text = S - n
+        force_q = force_k = None
+        if text:
+            # Text: one extra range at the end of each order, scored by its mean vector.
+            text_idx = torch.cat([torch.arange(0, start), torch.arange(start + n, S)]).to(q.device)
+            text_idx = text_idx.expand(B, H, text)
+            q_perm = torch.cat([q_perm + start, text_idx], -1)
+            k_perm = torch.cat([k_perm + start, text_idx], -1)
+            end = torch.full((B, H, 1), S, dtype=torch.int32, device=q.device)
+            q_off, k_off = torch.cat([q_off, end], -1), torch.cat([k_off, end], -1)
+            t_sl = torch.gather(q, 2, text_idx[..., None].expand(B, H, text, D)).float().mean(2, keepdim=True)
+            k_sl = torch.gather(k, 2, text_idx[..., None].expand(B, H, text, D)).float().mean(2, keepdim=True)
+            qc, kc = torch.cat([qc, t_sl], 2), torch.cat([kc, k_sl], 2)
+            tsize = torch.full((B, H, 1), text, dtype=q_sizes.dtype, device=q.device)
+            q_sizes, k_sizes = torch.cat([q_sizes, tsize], -1), torch.cat([k_sizes, tsize], -1)
+            force_q = torch.zeros(qc.shape[2], dtype=torch.bool, device=q.device)
+            force_q[-1] = True
+            force_k = torch.zeros(kc.shape[2], dtype=torch.bool, device=q.device)
+            force_k[-1] = True
+        logits = torch.matmul(qc, kc.transpose(-1, -2)) * (1.0 / math.sqrt(D))
+        mask = select_blocks(
+            logits,
+            q_sizes,
+            k_sizes,
+            self.sparsity,
+            top_p=self.options.top_p,
+            min_blocks=max(1, math.ceil(self.options.min_kc_ratio * kr.counts.shape[-1])),
+            force_q=force_q,
+            force_k=force_k,
+            budget_scope=self.options.budget_scope,
+        )
+        return BlockPlan.from_range_mask(mask, q_off, k_off, q_perm=q_perm, k_perm=k_perm)

@@ -1,0 +1,166 @@
+import math
+
+import pytest
+import torch
+from dit_sparse.kernels import reference_block_sparse_attention
+
+import dit_sparse
+from dit_sparse import semantic as sem
+from dit_sparse.context import AttentionContext
+from dit_sparse.layout import VideoLayout
+from dit_sparse.method import build_method
+
+
+def _ctx(layout=None, state=None):
+    return AttentionContext(
+        layer=1, layer_name="blocks.1.attn1", num_layers=2, step=3, num_steps=10, branch="cond",
+        layout=layout, sparsity=0.9, state={} if state is None else state,
+    )
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def planted_qkv(B=2, H=2, S=777, D=64, groups=6, seed=0):
+    """q/k around shared per-head centres with random membership: attention is concentrated inside a
+    group after sorting by cluster, while natural token order has no locality at all."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(B, H, groups, D, generator=g) * 1.5
+    pick = lambda idx: torch.gather(centres, 2, idx[..., None].expand(-1, -1, -1, D))
+    q = pick(torch.randint(0, groups, (B, H, S), generator=g)) + 0.3 * torch.randn(B, H, S, D, generator=g)
+    k = pick(torch.randint(0, groups, (B, H, S), generator=g)) + 0.3 * torch.randn(B, H, S, D, generator=g)
+    return q, k, torch.randn(B, H, S, D, generator=g)
+
+
+def _dense(q, k, v):
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_default_cluster_counts_scale_with_sequence_length():
+    assert sem.default_clusters(4096) == (32, 128)
+    assert sem.default_clusters(32760) == (128, 256)
+    assert sem.default_clusters(200) == (8, 48)
+    assert sem.default_clusters(20) == (8, 20)
+    assert sem.default_clusters(10**6) == (256, 800)
+    counts = [sem.default_clusters(s) for s in (1000, 4096, 17550, 32760, 75600)]
+    assert counts == sorted(counts)  # monotone in S
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.75, 0.9])
+def test_plan_is_valid_and_meets_the_target_on_random_inputs(dtype, sparsity):
+    B, H, S, D = 2, 2, 411, 64
+    q, k, v = (_randn(B, H, S, D, seed=i).to(dtype) for i in range(3))
+    method, _ = build_method("semantic", sparsity, {"top_p": 1.0})
+    plan = method.plan(q, k, v, _ctx())
+    plan.validate()
+    assert plan.q_perm.dtype == torch.int64 and plan.q_perm.shape == (B, H, S)
+    nq, nk = sem.default_clusters(S)
+    assert plan.num_q_blocks == nq and plan.num_k_blocks == nk
+    # At most one key cluster per query cluster above the budget (the floor), and not far below it.
+    k_len = (plan.k_offsets[..., 1:] - plan.k_offsets[..., :-1]).long()
+    slack = (plan.q_offsets[..., 1:] - plan.q_offsets[..., :-1]).long().sum(-1) * k_len.max(-1).values
+    pairs = plan.pair_counts()
+    assert (pairs <= math.floor((1 - sparsity) * S * S) + slack).all()
+    assert 1 - plan.density() >= sparsity - 0.02
+    out = reference_block_sparse_attention(q, k, v, plan).out
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_text_tokens_are_attended_in_both_directions(text_first):
+    B, H, D = 2, 2, 64
+    layout = VideoLayout(3, 6, 10, text_tokens=21, text_first=text_first)
+    S = layout.seq_len
+    q, k, v = planted_qkv(B, H, S, D)
+    method, _ = build_method("semantic", 0.9, {})
+    plan = method.plan(q, k, v, _ctx(layout))
+    plan.validate()
+    tm = plan.token_mask()
+    text = slice(0, 21) if text_first else slice(S - 21, S)
+    assert tm[:, :, text, :].all()
+    assert tm[:, :, :, text].all()
+    assert not tm.all()  # the video part is still sparse
+    # Text sits in its own range at the end of both orders.
+    assert (plan.q_offsets[..., -2] == S - 21).all() and (plan.k_offsets[..., -2] == S - 21).all()
+    assert set(plan.q_perm[0, 0, -21:].tolist()) == set(range(S)[text])
+
+
+def test_semantic_error_is_much_smaller_than_pooled_on_clustered_inputs():
+    q, k, v = planted_qkv()
+    ref = _dense(q, k, v)
+    errs = {}
+    for name in ("semantic", "pooled"):
+        method, _ = build_method(name, 0.8, {"top_p": 1.0})  # both spend the same budget
+        plan = method.plan(q, k, v, _ctx())
+        assert 1 - plan.density() >= 0.8 - 0.02
+        errs[name] = _rel(reference_block_sparse_attention(q, k, v, plan).out, ref)
+    assert errs["semantic"] < 0.3
+    assert errs["semantic"] < 0.15 * errs["pooled"]
+
+
+def test_centroids_are_cached_per_state_and_warm_started(monkeypatch):
+    calls = []
+    real = sem.kmeans
+
+    def spy(x, num_clusters, iters, init="strided"):
+        calls.append((iters, isinstance(init, torch.Tensor)))
+        return real(x, num_clusters, iters, init=init)
+
+    monkeypatch.setattr(sem, "kmeans", spy)
+    method, _ = build_method("semantic", 0.9, {"cold_iters": 7, "warm_iters": 2})
+    q, k, v = planted_qkv(B=1, H=2, S=300)
+    cond, uncond = {}, {}
+    method.warmup(q, k, v, _ctx(state=cond))  # dense warm-up step fills the cache
+    assert calls == [(7, False), (7, False)] and "semantic" in cond
+    method.plan(q, k, v, _ctx(state=cond))
+    assert calls[-2:] == [(2, True), (2, True)]
+    method.plan(q, k, v, _ctx(state=uncond))  # another CFG branch has its own, cold, state
+    assert calls[-2:] == [(7, False), (7, False)]
+    method.plan(q[:, :, :250], k[:, :, :250], v[:, :, :250], _ctx(state=cond))  # new shape: cold again
+    assert calls[-2:] == [(7, False), (7, False)]
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="top_p"):
+        build_method("semantic", 0.9, {"top_p": 1.5})
+    with pytest.raises(ValueError, match="num_q_clusters"):
+        build_method("semantic", 0.9, {"num_q_clusters": 0})
+    with pytest.raises(ValueError, match="init"):
+        build_method("semantic", 0.9, {"init": "random"})
+
+
+def _tiny_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+
+
+@torch.no_grad()
+def test_end_to_end_tiny_wan_reports_target_sparsity():
+    model = _tiny_wan()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 16, 16, generator=g)  # 4 x 8 x 8 = 256 tokens, batch 2
+    text = torch.randn(2, 7, 32, generator=g)
+    dense = model(x, torch.tensor([700, 700]), text, return_dict=False)[0]
+    handle = dit_sparse.apply(model, "semantic", 0.9, warmup_steps=0, warmup_layers=0)
+    try:
+        out = model(x, torch.tensor([700, 700]), text, return_dict=False)[0]
+        out2 = model(x, torch.tensor([650, 650]), text, return_dict=False)[0]  # next step: warm centroids
+        stats = handle.stats()
+    finally:
+        handle.remove()
+    assert stats["sparse_calls"] == 4 and stats["fallback_calls"] == 0
+    assert stats["sparsity_in_sparse_calls"] >= 0.9
+    assert torch.isfinite(out).all() and torch.isfinite(out2).all()
+    assert _rel(out, dense) < 1.0  # sane output (random weights: no quality claim)
