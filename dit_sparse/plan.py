@@ -7,8 +7,9 @@ A plan says, per (batch, head):
 * how that order is cut into query ranges (`q_offsets`, NQ + 1 increasing offsets from 0 to Sq) and key
   ranges (`k_offsets`, NK + 1 offsets from 0 to Sk). Ranges may have any length >= 0; fixed-size blocks
   are the special case `block_size=(bq, bk)` with offsets `i * b` clipped to the sequence length.
-* which key ranges each query range attends (`kv_indices[..., :kv_counts]`, entries past the count are
-  ignored and must be valid indices, conventionally 0).
+* which key ranges each query range attends (`kv_indices[..., :kv_counts]`: distinct indices, since a
+  repeated one would be computed twice; entries past the count are ignored and must be valid indices,
+  conventionally 0).
 
 Every tensor has leading dims (B, H) (expanded views are fine). Kernels never see models; methods never
 call kernels: they return a plan and the attention processor executes it.

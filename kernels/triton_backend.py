@@ -1,0 +1,283 @@
+"""The "triton" backend: block-sparse attention forward on CUDA GPUs (and on CPU under TRITON_INTERPRET=1).
+
+Handles fixed-size blocks and variable-length ranges, bf16/fp16 (float32 only in the interpreter), head dim
+64 and 128, any sequence lengths, batch > 1 and strided [B, H, S, D] views. Plan permutations are applied
+inside the kernel by default (rows gathered on load, output scattered on store); `gather="copy"` permutes
+Q/K/V physically first instead (kept for measurement, see docs/kernels-notes.md).
+
+Launch metadata derived from a plan is cached per plan object (plans are treated as immutable), so a plan
+reused across layers or steps pays its preparation once. Block sizes / warps / stages are chosen per shape
+by timing a few candidates on first use (`DIT_SPARSE_TRITON_CONFIG=BM,BN,WARPS,STAGES` pins one;
+`DIT_SPARSE_TRITON_AUTOTUNE=0` takes the first candidate). K/V are read with TMA descriptors when the key
+order is the identity (`DIT_SPARSE_TRITON_TMA=0` turns that off); `DIT_SPARSE_TRITON_WS=1` adds Triton
+warp-specialised configs to the autotune list (no gain measured on H100).
+
+Plan contract relied upon: the valid entries of each `kv_indices` row are distinct (as
+`BlockPlan.from_range_mask` builds them); a repeated block would be computed twice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from dit_sparse.plan import BlockPlan
+
+from .dispatch import Backend, register_backend
+from .result import AttentionResult
+from .triton_kernel import LOG2E, block_sparse_fwd
+from .triton_prep import KeyChunks, QueryTiles, key_chunks, query_tiles
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
+Tensor = torch.Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_GPU_DTYPES = (torch.float16, torch.bfloat16)
+_HEAD_DIMS = (64, 128)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    warp_specialize: bool = False
+
+
+# Warp-specialised variants (Triton's automatic producer/consumer split), tried only where enabled.
+_WS_CANDIDATES = (
+    [KernelConfig(128, 128, 8, 2, True), KernelConfig(128, 128, 4, 3, True)]
+    if os.environ.get("DIT_SPARSE_TRITON_WS", "0") == "1"
+    else []
+)
+# First entry is the default; the rest are timed once per shape when autotuning is on.
+_CANDIDATES: dict[int, list[KernelConfig]] = {
+    # H100 sweep (docs/kernels-notes.md): 128x128 with 8 warps wins; 2 stages for contiguous/TMA keys,
+    # 3 stages for gathered (permuted) keys, whose loads need more latency hiding. 128x64 tiles lose.
+    128: [
+        KernelConfig(128, 128, 8, 2),
+        KernelConfig(128, 128, 8, 3),
+        *_WS_CANDIDATES,
+    ],
+    64: [
+        KernelConfig(128, 128, 8, 3),
+        KernelConfig(128, 64, 4, 3),
+        KernelConfig(128, 128, 4, 3),
+    ],
+}
+_TUNED: dict[tuple, KernelConfig] = {}
+LAST_CONFIG: KernelConfig | None = None  # the config of the latest call (reported by the benchmark)
+
+# "kernel": gather rows through the permutation inside the kernel; "copy": permute Q/K/V first.
+DEFAULT_GATHER = "kernel"
+# Load K/V with TMA tensor descriptors when the key order is the identity (Hopper+).
+USE_TMA = os.environ.get("DIT_SPARSE_TRITON_TMA", "1") == "1"
+
+
+def supports(q: Tensor, plan: BlockPlan) -> str | None:
+    """None if the Triton kernel can run these inputs, else the reason it cannot."""
+    if not q.is_cuda and not _INTERPRET:
+        return "inputs are not on a CUDA device (set TRITON_INTERPRET=1 to run the kernel on CPU)"
+    if q.is_cuda and q.dtype not in _GPU_DTYPES:
+        return f"dtype {q.dtype} is not supported (use bfloat16 or float16)"
+    if q.shape[-1] not in _HEAD_DIMS:
+        return f"head dim {q.shape[-1]} is not supported (64 or 128)"
+    if plan.num_q_blocks == 0 or plan.num_k_blocks == 0:
+        return "the plan has no query or key ranges"
+    if not _fits_int32(q):
+        return "one (batch, head) slice is too large for the kernel's int32 offsets"
+    return None
+
+
+def _fits_int32(x: Tensor) -> bool:
+    # In-head offsets are computed in int32 (cheaper in the inner loop); batch/head offsets in int64.
+    return (x.shape[2] - 1) * abs(x.stride(2)) + (x.shape[3] - 1) * abs(x.stride(3)) < 2**31
+
+
+# ---------------------------------------------------------------------------------------- plan cache
+_PLAN_CACHE: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _plan_cache(plan: BlockPlan) -> dict:
+    key = id(plan)
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None and hit[0]() is plan:
+        return hit[1]
+    store: dict = {}
+    _PLAN_CACHE[key] = (weakref.ref(plan, lambda _r, k=key: _PLAN_CACHE.pop(k, None)), store)
+    return store
+
+
+def prepare(plan: BlockPlan, sq: int, sk: int, cfg: KernelConfig, stats: bool) -> tuple[KeyChunks, QueryTiles, dict]:
+    """Chunk lists, query tiles and int32 permutations for `plan` under `cfg` (cached per plan)."""
+    store = _plan_cache(plan)
+    # Fixed-block chunks do not depend on `stats` (a chunk never straddles two blocks).
+    fixed = plan.block_size is not None and plan.block_size[1] == cfg.block_n
+    ck = ("chunks", cfg.block_n, stats and not fixed)
+    if ck not in store:
+        store[ck] = key_chunks(plan, sk, cfg.block_n, stats)
+    chunks = store[ck]
+    tk = ("tiles", cfg.block_m, ck)
+    if tk not in store:
+        store[tk] = query_tiles(plan, sq, cfg.block_m, chunks)
+    if "perms" not in store:
+        B, H = plan.batch, plan.heads
+        store["perms"] = {
+            name: None if p is None else p.reshape(B * H, -1).to(torch.int32).contiguous()
+            for name, p in (("q", plan.q_perm), ("k", plan.k_perm))
+        }
+    return chunks, store[tk], store["perms"]
+
+
+# ---------------------------------------------------------------------------------------- launch
+def _launch(
+    q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float, cfg: KernelConfig,
+    return_lse: bool, return_tile_stats: bool, gather: str, use_tma: bool = False,
+) -> AttentionResult:
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    chunks, tiles, perms = prepare(plan, Sq, Sk, cfg, return_tile_stats)
+    qperm, kperm = perms["q"], perms["k"]
+    perm_o = qperm is not None
+    out = torch.empty_like(q)  # keeps the caller's layout (e.g. a [B, S, H, D] buffer seen as [B, H, S, D])
+    if gather == "copy":
+        # Physically permute first; the output is still scattered by the kernel's store.
+        if qperm is not None:
+            q = torch.gather(q, 2, plan.q_perm[..., None].expand(-1, -1, -1, D))
+        if kperm is not None:
+            idx = plan.k_perm[..., None].expand(-1, -1, -1, D)
+            k, v = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+        perm_q, perm_k = False, False
+    else:
+        perm_q, perm_k = qperm is not None, kperm is not None
+    dev = q.device
+    dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=dev) if return_lse else torch.empty(1, device=dev)
+    maxk = plan.kv_indices.shape[-1]
+    NQ, NK = plan.num_q_blocks, plan.num_k_blocks
+    if return_tile_stats:
+        tm = torch.full((B, H, NQ, maxk), -math.inf, dtype=torch.float32, device=dev)
+    else:
+        tm = torch.empty(1, dtype=torch.float32, device=dev)
+    grid = (tiles.num, B * H)
+    tma = use_tma and not perm_k and _tma_ok(k) and _tma_ok(v)
+    if tma:
+        k_arg = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, cfg.block_n, D])
+        v_arg = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, cfg.block_n, D])
+    else:
+        k_arg, v_arg = k, v
+    block_sparse_fwd[grid](
+        q, k_arg, v_arg, out, lse, tm,
+        qperm if qperm is not None else dummy_i,
+        kperm if kperm is not None else dummy_i,
+        tiles.tiles, tiles.q_offsets,
+        chunks.starts, chunks.ends, chunks.slots, chunks.counts,
+        chunks.tok_range if chunks.tok_range is not None else dummy_i,
+        chunks.slot_of if chunks.slot_of is not None else dummy_i,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, Sq, Sk, NQ, NK, chunks.starts.shape[-1], maxk, tiles.num,
+        scale, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PERM_Q=perm_q, PERM_K=perm_k, PERM_O=perm_o,
+        HAS_LSE=return_lse, HAS_STATS=return_tile_stats, STRADDLE=return_tile_stats and chunks.straddle,
+        STATS_OWNED=return_tile_stats and not chunks.straddle and plan.block_size is not None
+        and plan.block_size[1] == cfg.block_n and plan.block_size[0] <= cfg.block_m,
+        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        TMA_KV=tma,
+        WARP_SPEC=cfg.warp_specialize,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return AttentionResult(out=out, lse=lse if return_lse else None, tile_max=tm if return_tile_stats else None)
+
+
+def _tma_ok(x: Tensor) -> bool:
+    # TMA needs a CUDA Hopper+ device, unit last stride and 16-byte aligned base and strides.
+    if not x.is_cuda or TensorDescriptor is None or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    es = x.element_size()
+    return x.stride(3) == 1 and x.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in x.stride()[:3])
+
+
+def _env_config() -> KernelConfig | None:
+    spec = os.environ.get("DIT_SPARSE_TRITON_CONFIG")
+    if not spec:
+        return None
+    bm, bn, w, s = (int(x) for x in spec.split(","))
+    return KernelConfig(bm, bn, w, s)
+
+
+def _choose(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float, flags: tuple) -> KernelConfig:
+    pinned = _env_config()
+    if pinned is not None:
+        return pinned
+    D = q.shape[-1]
+    cands = _CANDIDATES[D]
+    if _INTERPRET or not q.is_cuda or os.environ.get("DIT_SPARSE_TRITON_AUTOTUNE", "1") == "0":
+        return cands[0]
+    fixed = plan.block_size
+    # Sparsity bucket from shapes only (no host sync): the widest row's share of key ranges, in halvings.
+    sparsity = round(math.log2(max(plan.num_k_blocks, 1) / max(plan.kv_indices.shape[-1], 1)))
+    key = (D, q.dtype, q.shape[0] * q.shape[1], q.shape[2], k.shape[2], fixed,
+           plan.q_perm is not None, plan.k_perm is not None, flags, sparsity)
+    if key not in _TUNED:
+        from triton.testing import do_bench
+
+        best, best_ms = cands[0], math.inf
+        for cfg in cands:
+            if fixed is not None and cfg.block_m > fixed[0]:
+                continue  # a tile larger than a fixed query block wastes rows
+            fn = lambda c=cfg: _launch(q, k, v, plan, scale, c, *flags, use_tma=USE_TMA)
+            try:
+                ms = do_bench(fn, warmup=5, rep=30, return_mode="median")
+            except Exception:  # a config that does not compile/fit is simply skipped
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        _TUNED[key] = best
+    return _TUNED[key]
+
+
+def triton_block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    plan: BlockPlan,
+    scale: float | None = None,
+    return_lse: bool = False,
+    return_tile_stats: bool = False,
+    config: KernelConfig | None = None,
+    gather: str | None = None,
+) -> AttentionResult:
+    """Run `plan` with the Triton kernel (same contract as `reference_block_sparse_attention`)."""
+    reason = supports(q, plan)
+    if reason is not None:
+        raise ValueError(f"triton backend: {reason}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not _fits_int32(x):
+            raise ValueError(f"{name} is too large for one (batch, head) slice with int32 offsets")
+    gather = gather or DEFAULT_GATHER
+    if gather not in ("kernel", "copy"):
+        raise ValueError(f"gather must be 'kernel' or 'copy', got {gather!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    flags = (return_lse, return_tile_stats, gather)
+    cfg = config or _choose(q, k, v, plan, scale, flags)
+    global LAST_CONFIG
+    LAST_CONFIG = cfg
+    return _launch(q, k, v, plan, scale, cfg, *flags, use_tma=USE_TMA)
+
+
+register_backend(Backend(name="triton", run=triton_block_sparse_attention, supports=supports))
+
+try:  # FlexAttention on fixed-block plans, selectable by name (not chosen by "auto").
+    from . import triton_flex  # noqa: F401
+except ImportError:  # pragma: no cover - needs torch with flex_attention
+    pass
