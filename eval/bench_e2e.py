@@ -92,6 +92,19 @@ CASES: dict[str, Callable[[], ModelCase]] = {
 }
 
 
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'semantic[replan_every=5,top_p=0.95]' -> ("semantic", {"replan_every": 5, "top_p": 0.95})."""
+    if "[" not in spec:
+        return spec, {}
+    name, rest = spec.split("[", 1)
+    opts: dict[str, Any] = {}
+    for item in rest.rstrip("]").split(","):
+        if item:
+            key, val = item.split("=", 1)
+            opts[key] = json.loads(val) if val[:1].isdigit() or val in ("true", "false") else val
+    return name, opts
+
+
 def _time_ms(fn: Callable[[], Any], reps: int) -> float:
     """Median wall time of `reps` synchronised calls, in ms."""
     times = []
@@ -137,8 +150,10 @@ def bench_model(case: ModelCase, methods: list[str], sparsities: list[float], re
         for method in methods:
             for s in sparsities:
                 row = dict(model=case.name, shape=case.shape, method=method, sparsity=s)
+                name, opts = parse_method_spec(method)
                 try:
-                    handle = dit_sparse.apply(model, method, s, warmup_steps=0, warmup_layers=0, backend=backend)
+                    handle = dit_sparse.apply(model, name, s, warmup_steps=0, warmup_layers=0, backend=backend,
+                                              **opts)
                     forward()  # cold caches / autotuning
                     forward()
                     handle.core.stats.reset()
@@ -146,7 +161,8 @@ def bench_model(case: ModelCase, methods: list[str], sparsities: list[float], re
                     row["achieved_sparsity"] = round(handle.stats()["sparsity_in_sparse_calls"], 4)
                     handle.remove()
                     # the same method with the default dense first layer, for the 50-step estimate
-                    handle = dit_sparse.apply(model, method, s, warmup_steps=0, warmup_layers=1, backend=backend)
+                    handle = dit_sparse.apply(model, name, s, warmup_steps=0, warmup_layers=1, backend=backend,
+                                              **opts)
                     forward()
                     row["ms_warmup_layer"] = _time_ms(forward, max(1, reps // 2))
                     handle.remove()
@@ -186,7 +202,8 @@ def print_table(rows: list[dict], device: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dit-sparse bench e2e", description=__doc__)
     p.add_argument("--models", default="wan1.3b-480p", help=f"comma list of {sorted(CASES)}")
-    p.add_argument("--methods", default="semantic,window3d,pooled")
+    p.add_argument("--methods", default="semantic,window3d,pooled",
+                   help="';'-separated method specs, options in brackets: 'semantic[replan_every=5];pooled'")
     p.add_argument("--sparsities", default="0.9,0.95")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--backend", default="auto")
@@ -201,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if key not in CASES:
             print(f"unknown model {key!r}; choose from {sorted(CASES)}")
             return 2
-        rows += bench_model(CASES[key](), [m for m in ns.methods.split(",") if m],
+        rows += bench_model(CASES[key](), [m for m in ns.methods.split(";") if m],
                             [float(s) for s in ns.sparsities.split(",")], ns.reps, ns.backend)
         torch.cuda.empty_cache()  # the model of that case is gone with bench_model's frame
         print(json.dumps(rows[-1]), flush=True)

@@ -91,7 +91,9 @@ def run(ns: argparse.Namespace) -> int:
     prompts, truths = _prompt_set(ns)
     settings = RunSettings(steps=ns.steps, warmup_steps=ns.warmup, warmup_layers=ns.warmup_layers,
                            backend=ns.backend)
-    configs = [("dense", 0.0)] + [(m, s) for m in methods for s in sparsities]
+    # "full" ignores the sparsity target (e.g. "full+skip" = skip caching alone): run it once.
+    configs = [("dense", 0.0)] + [(m, s) for m in methods
+                                  for s in (sparsities[:1] if m.split("+")[0] == "full" else sparsities)]
     videos = [(i, p, seed) for i, p in enumerate(prompts) for seed in seeds]
     per: dict[tuple[str, float], list[dict[str, Any]]] = {c: [] for c in configs}
     dense_frames: dict[tuple[int, int], np.ndarray] = {}
