@@ -82,7 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PASSTHROUGH = {
+    ("bench", "kernels"): ("dit_sparse.kernels.bench", "bench kernels"),
+    ("bench", "e2e"): ("dit_sparse.eval.bench_e2e", "bench e2e"),
+    ("train-reference",): ("dit_sparse.pipelines.train_reference", "train-reference"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Subcommands with their own parsers get their arguments untouched (argparse's REMAINDER would
+    # reject leading options such as `--models`).
+    for prefix, (module, what) in _PASSTHROUGH.items():
+        if tuple(argv[: len(prefix)]) == prefix and "-h" not in argv[: len(prefix)]:
+            return _delegate(module, what)(argparse.Namespace(args=argv[len(prefix):]))
     parser = build_parser()
     ns = parser.parse_args(argv)
     return int(ns.func(ns) or 0)

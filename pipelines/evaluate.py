@@ -67,8 +67,34 @@ def _mean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
+def _aggregate(per: dict, truths: list | None) -> list[dict[str, Any]]:
+    from dit_sparse.eval.metrics import Unavailable
+
+    rows = []
+    for (method, s), recs in per.items():
+        if not recs:
+            continue
+        row: dict[str, Any] = dict(method=method, sparsity=s,
+                                   achieved_sparsity=_mean([r["sparsity"] for r in recs]),
+                                   achieved_sparsity_overall=_mean([r["sparsity_overall"] for r in recs]),
+                                   attention_time_s=_mean([r["attention_s"] for r in recs]),
+                                   total_time_s=_mean([r["total_s"] for r in recs]))
+        if method != "dense":
+            row["psnr"] = _mean([r["psnr"] for r in recs])
+            row["ssim"] = _mean([r["ssim"] for r in recs])
+            lp = [r["lpips"] for r in recs]
+            row["lpips"] = lp[0] if isinstance(lp[0], Unavailable) else _mean(lp)
+        keys = recs[0]["vbench"].keys()
+        row["vbench"] = {k: _mean([r["vbench"][k] for r in recs if isinstance(r["vbench"][k], (int, float))])
+                         for k in keys}
+        if truths is not None:
+            row["adherence"] = _mean([r["adherence"] for r in recs])
+        rows.append(row)
+    return rows
+
+
 def run(ns: argparse.Namespace) -> int:
-    from dit_sparse.eval.metrics import Unavailable, lpips_distance, psnr, ssim
+    from dit_sparse.eval.metrics import lpips_distance, psnr, ssim
     from dit_sparse.eval.report import OutputDirError, write_report
     from dit_sparse.eval.vbench_style import video_metrics
 
@@ -98,6 +124,9 @@ def run(ns: argparse.Namespace) -> int:
     per: dict[tuple[str, float], list[dict[str, Any]]] = {c: [] for c in configs}
     dense_frames: dict[tuple[int, int], np.ndarray] = {}
     side_by_side = []
+    meta = dict(model=loaded.name, device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
+                prompts=prompts, seeds=seeds, steps=ns.steps, warmup_steps=ns.warmup,
+                warmup_layers=ns.warmup_layers, commands=["dit-sparse eval " + " ".join(sys.argv[2:])])
     bar = tqdm(total=len(configs) * len(videos), desc="eval", unit="video")
     for method, s in configs:
         for vi, (i, prompt, seed) in enumerate(videos):
@@ -124,29 +153,11 @@ def run(ns: argparse.Namespace) -> int:
                 rec["adherence"] = float(check_video(res.frames, truths[i]).ok)
             per[(method, s)].append(rec)
             bar.update(1)
+        # Rewrite the report after every configuration: a long run that is stopped keeps what it measured.
+        write_report(dict(meta=meta, rows=_aggregate(per, truths), frames=side_by_side), out)
     bar.close()
+    rows = _aggregate(per, truths)
 
-    rows = []
-    for (method, s), recs in per.items():
-        row: dict[str, Any] = dict(method=method, sparsity=s,
-                                   achieved_sparsity=_mean([r["sparsity"] for r in recs]),
-                                   achieved_sparsity_overall=_mean([r["sparsity_overall"] for r in recs]),
-                                   attention_time_s=_mean([r["attention_s"] for r in recs]),
-                                   total_time_s=_mean([r["total_s"] for r in recs]))
-        if method != "dense":
-            row["psnr"] = _mean([r["psnr"] for r in recs])
-            row["ssim"] = _mean([r["ssim"] for r in recs])
-            lp = [r["lpips"] for r in recs]
-            row["lpips"] = lp[0] if isinstance(lp[0], Unavailable) else _mean(lp)
-        keys = recs[0]["vbench"].keys()
-        row["vbench"] = {k: _mean([r["vbench"][k] for r in recs if isinstance(r["vbench"][k], (int, float))])
-                         for k in keys}
-        if truths is not None:
-            row["adherence"] = _mean([r["adherence"] for r in recs])
-        rows.append(row)
-    meta = dict(model=loaded.name, device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
-                prompts=prompts, seeds=seeds, steps=ns.steps, warmup_steps=ns.warmup,
-                warmup_layers=ns.warmup_layers, commands=["dit-sparse eval " + " ".join(sys.argv[2:])])
     try:
         paths = write_report(dict(meta=meta, rows=rows, frames=side_by_side), out)
     except OutputDirError as exc:

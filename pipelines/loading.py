@@ -76,6 +76,8 @@ def _load_bundled(device: torch.device, dtype: torch.dtype | None) -> LoadedMode
             f"the bundled reference model is missing ({path}); reinstall dit-sparse from a full checkout, "
             f"set DIT_SPARSE_ASSETS to the folder holding reference-video-dit/, or run with --model tiny"
         )
+    if dtype is None:  # the GPU kernels run bf16/fp16; the CPU path computes in float32
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe = load_reference_pipeline(path, device=device, dtype=dtype)
 
     def call(prompt: str, steps: int, seed: int) -> np.ndarray:
