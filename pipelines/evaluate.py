@@ -22,7 +22,7 @@ from dit_sparse.config import ConfigError, check_sparsity
 
 from .adapters import UnsupportedModelError
 from .loading import BUNDLED, ModelLoadError, load_model, resolve_device
-from .runner import RunSettings, timed_generation
+from .runner import RunSettings, parse_options, timed_generation
 
 FRAME_INDICES = 4  # frames shown side by side in the report
 
@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/eval", help="report folder")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. --opt tol=0.05 --opt replan_every=5 (repeatable)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--lpips-weights", default=None, help="local LPIPS backbone checkpoint (file or folder)")
 
@@ -102,7 +104,7 @@ def run(ns: argparse.Namespace) -> int:
         sparsities = [check_sparsity(s) for s in ns.sparsities.split(",") if s]
         methods = [m for m in ns.methods.split(",") if m and m != "dense"]  # dense always runs
         for m in methods:
-            dit_sparse.method.build_method(m, 0.5, {})
+            dit_sparse.method.build_method(m, 0.5, dict(parse_options(ns.opt)))
         seeds = [int(s) for s in ns.seeds.split(",") if s]
         out = Path(ns.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +118,7 @@ def run(ns: argparse.Namespace) -> int:
         loaded.pipe.set_progress_bar_config(disable=True)
     prompts, truths = _prompt_set(ns)
     settings = RunSettings(steps=ns.steps, warmup_steps=ns.warmup, warmup_layers=ns.warmup_layers,
-                           backend=ns.backend)
+                           backend=ns.backend, options=parse_options(ns.opt))
     # "full" ignores the sparsity target (e.g. "full+skip" = skip caching alone): run it once.
     configs = [("dense", 0.0)] + [(m, s) for m in methods
                                   for s in (sparsities[:1] if m.split("+")[0] == "full" else sparsities)]

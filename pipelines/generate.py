@@ -16,7 +16,7 @@ from dit_sparse.parallel import enable_ulysses, init_distributed
 
 from .adapters import UnsupportedModelError
 from .loading import BUNDLED, ModelLoadError, load_model, resolve_device
-from .runner import RunSettings, timed_generation
+from .runner import RunSettings, parse_options, timed_generation
 from .video_io import OutputPathError, check_writable, write_video
 
 DEFAULT_PROMPT = "a red disc moves right and a blue square moves up on a striped background"
@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-dense", action="store_true", help="also run dense; print PSNR/SSIM and speed-up")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. --opt tol=0.05 --opt replan_every=5 (repeatable)")
     p.add_argument("--backend", default="auto", help="kernel backend: auto, reference, triton, flex")
     p.add_argument("--cp", type=int, default=1, metavar="N",
                    help="Ulysses context parallelism over N processes: launch with `torchrun --nproc-per-node N` "
@@ -63,14 +65,15 @@ def run(ns: argparse.Namespace) -> int:
                 raise ConfigError(f"--cp {ns.cp} needs exactly {ns.cp} processes, torchrun started {world}: "
                                   f"use `torchrun --nproc-per-node {ns.cp}`")
         dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
-        dit_sparse.method.build_method(ns.method, ns.sparsity, {})  # validate the method name early
+        # validate the method name and its options before loading anything
+        dit_sparse.method.build_method(ns.method, ns.sparsity, dict(parse_options(ns.opt)))
         loaded = load_model(ns.model, device, dtype)
         if ns.cp > 1:
             try:
                 enable_ulysses(loaded.pipe.transformer, ns.cp)
             except ValueError as exc:  # e.g. heads not divisible, or a backend without context parallelism
                 raise ConfigError(f"cannot run {ns.model} with --cp {ns.cp}: {exc}") from exc
-    except (ConfigError, ModelLoadError, OutputPathError, UnsupportedModelError) as exc:
+    except (ConfigError, ModelLoadError, OutputPathError, UnsupportedModelError, ValueError) as exc:
         print(f"dit-sparse generate: error: {exc}", file=sys.stderr)
         _stop_distributed(ns)
         return 2
@@ -97,7 +100,7 @@ def _generate(ns: argparse.Namespace, loaded, device: torch.device, out_path, wr
              if ns.cp > 1 else ""))
 
     settings = RunSettings(steps=ns.steps, warmup_steps=ns.warmup, warmup_layers=ns.warmup_layers,
-                           backend=ns.backend)
+                           backend=ns.backend, options=parse_options(ns.opt))
     dense = None
     if ns.compare_dense:
         dense = timed_generation(loaded, ns.prompt, ns.seed, device, "dense", 0.0, settings)

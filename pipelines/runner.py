@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +31,22 @@ class RunSettings:
     warmup_steps: float = 0.2
     warmup_layers: int = 1
     backend: str = "auto"
+    options: tuple[tuple[str, Any], ...] = ()  # method options, e.g. (("tol", 0.05),)
+
+
+def parse_options(items: list[str]) -> tuple[tuple[str, Any], ...]:
+    """['tol=0.05', 'block=128', 'pattern=window'] -> (("tol", 0.05), ("block", 128), ("pattern", "window"))."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--opt expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.append((key.strip(), value))
+    return tuple(out)
 
 
 def _sync(device: torch.device) -> None:
@@ -44,7 +62,7 @@ def timed_generation(loaded: LoadedModel, prompt: str, seed: int, device: torch.
 
     handle = dit_sparse.apply(loaded.pipe, method, sparsity, warmup_steps=settings.warmup_steps,
                               warmup_layers=settings.warmup_layers, num_steps=settings.steps,
-                              backend=settings.backend)
+                              backend=settings.backend, **(dict(settings.options) if method != "dense" else {}))
     timer = AttentionTimer(device)
     handle.core.timer = timer.section
     try:
