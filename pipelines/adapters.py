@@ -56,6 +56,23 @@ class ModelAdapter:
         raise NotImplementedError
 
 
+class SparseProcessorMixin:
+    """What every sparse processor carries: the shared core, its layer, and the user's settings.
+
+    Mixed into subclasses of Diffusers' own processors; `_bind` keeps the attention backend and the
+    context-parallel config of the processor it replaces.
+    """
+
+    def _bind(self, core: Any, layer: int, name: str, original: Any = None) -> None:
+        self.core = core
+        self.layer = layer
+        self.name = name
+        if original is not None:
+            for attr in ("_attention_backend", "_parallel_config"):
+                if hasattr(original, attr):
+                    setattr(self, attr, getattr(original, attr))
+
+
 _ADAPTERS: list[type[ModelAdapter]] = []
 
 

@@ -11,7 +11,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from dit_sparse.layout import VideoLayout
 
-from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
+from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
 
 
 def mask_for_core(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -25,7 +25,7 @@ def mask_for_core(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask == 0
 
 
-class CogVideoXSparseAttnProcessor(CogVideoXAttnProcessor2_0):
+class CogVideoXSparseAttnProcessor(SparseProcessorMixin, CogVideoXAttnProcessor2_0):
     """Diffusers' CogVideoX processor (plain or fused QKV) with the attention routed through the sparse core.
 
     CogVideoX calls `F.scaled_dot_product_attention` on [B, H, S, D] directly (no dispatcher, so there is
@@ -34,9 +34,7 @@ class CogVideoXSparseAttnProcessor(CogVideoXAttnProcessor2_0):
 
     def __init__(self, core, layer: int, name: str, original=None) -> None:
         super().__init__()
-        self.core = core
-        self.layer = layer
-        self.name = name
+        self._bind(core, layer, name)
         self.fused = isinstance(original, FusedCogVideoXAttnProcessor2_0)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):

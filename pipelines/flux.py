@@ -18,20 +18,15 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import root_split_factor
 
-from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
+from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
 
 
-class FluxSparseAttnProcessor(FluxAttnProcessor):
+class FluxSparseAttnProcessor(SparseProcessorMixin, FluxAttnProcessor):
     """Diffusers' Flux processor with the joint attention routed through the sparse core."""
 
     def __init__(self, core, layer: int, name: str, original: FluxAttnProcessor | None = None) -> None:
         super().__init__()
-        self.core = core
-        self.layer = layer
-        self.name = name
-        if original is not None:  # keep the backend / context-parallel settings the user chose
-            self._attention_backend = getattr(original, "_attention_backend", None)
-            self._parallel_config = getattr(original, "_parallel_config", None)
+        self._bind(core, layer, name, original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(

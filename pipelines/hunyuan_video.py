@@ -22,7 +22,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideo
 
 from dit_sparse.layout import VideoLayout
 
-from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
+from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
 
 
 class KeyPaddingTrim:
@@ -58,7 +58,7 @@ def _prefix_length(mask: torch.Tensor, seq_len: int) -> int | None:
     return int(lo)
 
 
-class HunyuanVideoSparseAttnProcessor(HunyuanVideoAttnProcessor2_0):
+class HunyuanVideoSparseAttnProcessor(SparseProcessorMixin, HunyuanVideoAttnProcessor2_0):
     """Diffusers' HunyuanVideo processor with the joint attention routed through the sparse core."""
 
     def __init__(
@@ -70,13 +70,8 @@ class HunyuanVideoSparseAttnProcessor(HunyuanVideoAttnProcessor2_0):
         trim: KeyPaddingTrim | None = None,
     ) -> None:
         super().__init__()
-        self.core = core
-        self.layer = layer
-        self.name = name
+        self._bind(core, layer, name, original)
         self.trim = trim if trim is not None else KeyPaddingTrim()
-        if original is not None:  # keep the backend / context-parallel settings the user chose
-            self._attention_backend = getattr(original, "_attention_backend", None)
-            self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(
         self,

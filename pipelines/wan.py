@@ -10,7 +10,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 
 from dit_sparse.layout import VideoLayout
 
-from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
+from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
 
 
 def _apply_wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -24,17 +24,12 @@ def _apply_wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.T
     return out.type_as(x)
 
 
-class WanSparseAttnProcessor(WanAttnProcessor):
+class WanSparseAttnProcessor(SparseProcessorMixin, WanAttnProcessor):
     """Diffusers' Wan processor with the self-attention call routed through the sparse core."""
 
     def __init__(self, core, layer: int, name: str, original: WanAttnProcessor | None = None) -> None:
         super().__init__()
-        self.core = core
-        self.layer = layer
-        self.name = name
-        if original is not None:  # keep the backend / context-parallel settings the user chose
-            self._attention_backend = getattr(original, "_attention_backend", None)
-            self._parallel_config = getattr(original, "_parallel_config", None)
+        self._bind(core, layer, name, original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None:  # never reached for attn1; keeps the class a drop-in
