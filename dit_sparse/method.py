@@ -9,6 +9,8 @@ a base method, which is how methods compose: ``method="semantic+skip"``.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -115,6 +117,33 @@ def method_class(name: str) -> type[SparseMethod]:
     if name not in _METHODS:
         raise ConfigError(f"unknown method {name!r}; available: {sorted(_METHODS)}")
     return _METHODS[name]
+
+
+def split_method_options(spec: str) -> tuple[str, dict[str, Any]]:
+    """'semantic[replan_every=5,top_p=0.95]' -> ("semantic", {"replan_every": 5, "top_p": 0.95}).
+
+    Values are JSON when they parse as JSON (numbers, true/false, lists), strings otherwise.
+    """
+    if "[" not in spec:
+        return spec, {}
+    if not spec.endswith("]"):
+        raise ConfigError(f"method spec {spec!r}: options go in brackets at the end, e.g. 'semantic[top_p=0.95]'")
+    name, rest = spec[:-1].split("[", 1)
+    opts: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        if "=" not in item:
+            raise ConfigError(f"method spec {spec!r}: expected KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            opts[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            opts[key.strip()] = raw
+    return name, opts
+
+
+def split_method_list(text: str) -> list[str]:
+    """'semantic[a=1,b=2],pooled' -> ['semantic[a=1,b=2]', 'pooled'] (commas inside brackets kept)."""
+    return [m.strip() for m in re.split(r",(?![^\[]*\])", text) if m.strip()]
 
 
 def parse_method(spec: str) -> list[type[SparseMethod]]:

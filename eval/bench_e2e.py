@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from dit_sparse.method import split_method_list
+
 WAN_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                qk_norm="rms_norm_across_heads", eps=1e-6)
@@ -92,19 +94,6 @@ CASES: dict[str, Callable[[], ModelCase]] = {
 }
 
 
-def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """'semantic[replan_every=5,top_p=0.95]' -> ("semantic", {"replan_every": 5, "top_p": 0.95})."""
-    if "[" not in spec:
-        return spec, {}
-    name, rest = spec.split("[", 1)
-    opts: dict[str, Any] = {}
-    for item in rest.rstrip("]").split(","):
-        if item:
-            key, val = item.split("=", 1)
-            opts[key] = json.loads(val) if val[:1].isdigit() or val in ("true", "false") else val
-    return name, opts
-
-
 def _time_ms(fn: Callable[[], Any], reps: int) -> float:
     """Median wall time of `reps` synchronised calls, in ms."""
     times = []
@@ -123,6 +112,7 @@ def bench_model(case: ModelCase, methods: list[str], sparsities: list[float], re
     from diffusers.models.attention_dispatch import attention_backend
 
     import dit_sparse
+    from dit_sparse.method import split_method_options
 
     with torch.device("cuda"):
         model = case.build().to(torch.bfloat16).eval()
@@ -150,7 +140,7 @@ def bench_model(case: ModelCase, methods: list[str], sparsities: list[float], re
         for method in methods:
             for s in sparsities:
                 row = dict(model=case.name, shape=case.shape, method=method, sparsity=s)
-                name, opts = parse_method_spec(method)
+                name, opts = split_method_options(method)
                 try:
                     handle = dit_sparse.apply(model, name, s, warmup_steps=0, warmup_layers=0, backend=backend,
                                               **opts)
@@ -203,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dit-sparse bench e2e", description=__doc__)
     p.add_argument("--models", default="wan1.3b-480p", help=f"comma list of {sorted(CASES)}")
     p.add_argument("--methods", default="semantic,window3d,pooled",
-                   help="';'-separated method specs, options in brackets: 'semantic[replan_every=5];pooled'")
+                   help="method specs, options in brackets: 'semantic[replan_every=5],pooled'")
     p.add_argument("--sparsities", default="0.9,0.95")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--backend", default="auto")
@@ -218,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if key not in CASES:
             print(f"unknown model {key!r}; choose from {sorted(CASES)}")
             return 2
-        rows += bench_model(CASES[key](), [m for m in ns.methods.split(";") if m],
+        rows += bench_model(CASES[key](), split_method_list(ns.methods),
                             [float(s) for s in ns.sparsities.split(",")], ns.reps, ns.backend)
         torch.cuda.empty_cache()  # the model of that case is gone with bench_model's frame
         print(json.dumps(rows[-1]), flush=True)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 import dit_sparse
 from dit_sparse.config import ConfigError, check_sparsity
+from dit_sparse.method import split_method_list, split_method_options
 
 from .adapters import UnsupportedModelError
 from .loading import BUNDLED, ModelLoadError, load_model, resolve_device
@@ -29,7 +30,8 @@ FRAME_INDICES = 4  # frames shown side by side in the report
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=BUNDLED, help="'bundled' (default), 'tiny', a local folder or Hub id")
-    p.add_argument("--methods", default="semantic,pooled,window3d", help="comma list; 'a+b' composes")
+    p.add_argument("--methods", default="semantic,pooled,window3d",
+                   help="comma list; 'a+b' composes; options in brackets: 'window3d[pattern=spatial]'")
     p.add_argument("--sparsities", default="0.75,0.9,0.95")
     p.add_argument("--prompts", type=int, default=8,
                    help="number of held-out prompts of the bundled model's evaluation set")
@@ -102,9 +104,10 @@ def run(ns: argparse.Namespace) -> int:
 
     try:
         sparsities = [check_sparsity(s) for s in ns.sparsities.split(",") if s]
-        methods = [m for m in ns.methods.split(",") if m and m != "dense"]  # dense always runs
+        methods = [m for m in split_method_list(ns.methods) if m != "dense"]  # dense always runs
         for m in methods:
-            dit_sparse.method.build_method(m, 0.5, dict(parse_options(ns.opt)))
+            name, opts = split_method_options(m)
+            dit_sparse.method.build_method(name, 0.5, {**dict(parse_options(ns.opt)), **opts})
         seeds = [int(s) for s in ns.seeds.split(",") if s]
         out = Path(ns.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +124,7 @@ def run(ns: argparse.Namespace) -> int:
                            backend=ns.backend, options=parse_options(ns.opt))
     # "full" ignores the sparsity target (e.g. "full+skip" = skip caching alone): run it once.
     configs = [("dense", 0.0)] + [(m, s) for m in methods
-                                  for s in (sparsities[:1] if m.split("+")[0] == "full" else sparsities)]
+                                  for s in (sparsities[:1] if split_method_options(m)[0].split("+")[0] == "full" else sparsities)]
     videos = [(i, p, seed) for i, p in enumerate(prompts) for seed in seeds]
     per: dict[tuple[str, float], list[dict[str, Any]]] = {c: [] for c in configs}
     dense_frames: dict[tuple[int, int], np.ndarray] = {}

@@ -12,6 +12,7 @@ import torch
 
 import dit_sparse
 from dit_sparse.config import ConfigError, check_sparsity
+from dit_sparse.method import split_method_options
 from dit_sparse.parallel import enable_ulysses, init_distributed
 
 from .adapters import UnsupportedModelError
@@ -66,7 +67,8 @@ def run(ns: argparse.Namespace) -> int:
                                   f"use `torchrun --nproc-per-node {ns.cp}`")
         dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
         # validate the method name and its options before loading anything
-        dit_sparse.method.build_method(ns.method, ns.sparsity, dict(parse_options(ns.opt)))
+        name, opts = split_method_options(ns.method)
+        dit_sparse.method.build_method(name, ns.sparsity, {**dict(parse_options(ns.opt)), **opts})
         loaded = load_model(ns.model, device, dtype)
         if ns.cp > 1:
             try:

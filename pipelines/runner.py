@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 import dit_sparse
+from dit_sparse.method import split_method_options
 
 from .loading import LoadedModel
 
@@ -60,9 +61,12 @@ def timed_generation(loaded: LoadedModel, prompt: str, seed: int, device: torch.
     autotuning and first-call costs stay out of the timings."""
     from dit_sparse.eval.timing import AttentionTimer
 
-    handle = dit_sparse.apply(loaded.pipe, method, sparsity, warmup_steps=settings.warmup_steps,
+    name, opts = split_method_options(method)
+    if name != "dense":
+        opts = {**dict(settings.options), **opts}
+    handle = dit_sparse.apply(loaded.pipe, name, sparsity, warmup_steps=settings.warmup_steps,
                               warmup_layers=settings.warmup_layers, num_steps=settings.steps,
-                              backend=settings.backend, **(dict(settings.options) if method != "dense" else {}))
+                              backend=settings.backend, **opts)
     timer = AttentionTimer(device)
     handle.core.timer = timer.section
     try:
