@@ -7,7 +7,7 @@ text tokens sit, where RoPE is applied and the head layout are documented per ad
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -71,6 +71,25 @@ class SparseProcessorMixin:
             for attr in ("_attention_backend", "_parallel_config"):
                 if hasattr(original, attr):
                     setattr(self, attr, getattr(original, attr))
+
+    def _dense_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+        """The exact attention call of Diffusers' dispatching processors, deferred."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        return lambda: dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, text_first: bool | None = None) -> torch.Tensor:
+        """[B, S, H, D] attention through the sparse core, dense falling back to the model's own call."""
+        return self.core.attend(
+            query, key, value, layer=self.layer, layer_name=self.name,
+            dense_fn=self._dense_attention(query, key, value, attention_mask), text_first=text_first,
+            attention_mask=attention_mask, parallel_config=self._parallel_config,
+        )
 
 
 _ADAPTERS: list[type[ModelAdapter]] = []

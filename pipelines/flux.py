@@ -11,7 +11,6 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
@@ -50,21 +49,7 @@ class FluxSparseAttnProcessor(SparseProcessorMixin, FluxAttnProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        def dense():
-            return dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
-
-        mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
-        out = self.core.attend(
-            query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=True,
-            attention_mask=mask, parallel_config=self._parallel_config,
-        )
+        out = self._attend(query, key, value, attention_mask, text_first=True)
         out = out.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is None:  # single-stream block: the caller splits text and image

@@ -134,19 +134,8 @@ class HunyuanVideoSparseAttnProcessor(SparseProcessorMixin, HunyuanVideoAttnProc
             encoder_out = attn.to_add_out(encoder_out)
         return out, encoder_out
 
-    def _attend(self, query, key, value, attention_mask):
-        def dense():
-            return dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
-
+    def _attend(self, query, key, value, attention_mask=None, text_first=False):
+        dense = self._dense_attention(query, key, value, attention_mask)
         seq_len = query.shape[1]
         valid = None
         # Under context parallelism each rank holds a shard, so the prefix cannot be cut here.

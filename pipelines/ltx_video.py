@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
 from dit_sparse.layout import VideoLayout
@@ -40,23 +39,7 @@ class LTXVideoSparseAttnProcessor(SparseProcessorMixin, LTXVideoAttnProcessor):
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
 
-        def dense():
-            return dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
-
-        mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask == 0
-        out = self.core.attend(
-            query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, attention_mask=mask,
-            parallel_config=self._parallel_config,
-        )
+        out = self._attend(query, key, value, attention_mask)
         out = out.flatten(2, 3).to(query.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

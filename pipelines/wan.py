@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 from dit_sparse.layout import VideoLayout
@@ -42,22 +41,7 @@ class WanSparseAttnProcessor(SparseProcessorMixin, WanAttnProcessor):
             query = _apply_wan_rope(query, *rotary_emb)
             key = _apply_wan_rope(key, *rotary_emb)
 
-        def dense():
-            return dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
-
-        out = self.core.attend(
-            query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense,
-            attention_mask=attention_mask, parallel_config=self._parallel_config,
-        )
+        out = self._attend(query, key, value, attention_mask)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
