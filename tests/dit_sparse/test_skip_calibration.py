@@ -65,26 +65,9 @@ def test_json_round_trip_and_clear_errors(tmp_path):
         load_calibration(bad)
 
 
-def _coherent_tiny_wan(seed=0):
-    """Tiny Wan with concentrated, tile-coherent self-attention (see test_tile_skip.py)."""
-    from dit_sparse.pipelines.tiny_models import tiny_wan_transformer
-
-    model = tiny_wan_transformer(num_layers=2, seed=seed)
-    with torch.no_grad():
-        for block in model.blocks:
-            a = block.attn1
-            a.to_k.weight.copy_(a.to_q.weight)
-            a.to_k.bias.copy_(a.to_q.bias)
-            a.norm_q.weight.mul_(2.0)
-            a.norm_k.weight.copy_(a.norm_q.weight)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 2, 3, 1, generator=g).repeat_interleave(8, 3).expand(-1, -1, -1, -1, 24).contiguous()
-    return model, x, torch.randn(1, 7, 32, generator=g)
-
-
 @torch.no_grad()
-def test_calibrate_on_tiny_wan_then_apply_the_file(tmp_path):
-    model, x, e = _coherent_tiny_wan()
+def test_calibrate_on_tiny_wan_then_apply_the_file(tmp_path, coherent_tiny_wan):
+    model, x, e = coherent_tiny_wan()
     ts = [900.0, 800.0, 700.0, 600.0]
     ref = [model(x, torch.tensor([t]), e, return_dict=False)[0] for t in ts]
     outs = []
@@ -123,8 +106,8 @@ def test_calibrate_on_tiny_wan_then_apply_the_file(tmp_path):
     handle.remove()
 
 
-def test_calibrate_rejects_bad_requests():
-    model, _, _ = _coherent_tiny_wan()
+def test_calibrate_rejects_bad_requests(coherent_tiny_wan):
+    model, _, _ = coherent_tiny_wan()
     with pytest.raises(ConfigError, match="ending in '\\+skip'"):
         calibrate_skip(model, lambda: None, "full", target_error=0.01)
     with pytest.raises(ConfigError, match="exactly one"):

@@ -298,30 +298,9 @@ def test_config_errors_are_clear():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def _coherent_tiny_wan(num_layers=2, seed=0):
-    """Tiny Wan whose self-attention is concentrated and tile-coherent on a banded input.
-
-    Random weights give diffuse or row-incoherent attention. Here keys share the query projection and
-    the input is constant over bands of 8 latent rows, so tokens attend to their own band: whole key tiles
-    carry negligible mass for whole query tiles, as in real video DiTs' local attention.
-    """
-    from dit_sparse.pipelines.tiny_models import tiny_wan_transformer
-
-    model = tiny_wan_transformer(num_layers=num_layers, seed=seed)
-    for block in model.blocks:
-        a = block.attn1
-        a.to_k.weight.copy_(a.to_q.weight)
-        a.to_k.bias.copy_(a.to_q.bias)
-        a.norm_q.weight.mul_(2.0)
-        a.norm_k.weight.copy_(a.norm_q.weight)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 16, 2, 3, 1, generator=g).repeat_interleave(8, 3).expand(-1, -1, -1, -1, 24).contiguous()
-    return model, x, torch.randn(1, 7, 32, generator=g)
-
-
 @torch.no_grad()
-def test_full_plus_skip_on_tiny_wan_skips_on_concentrated_attention():
-    model, x, e = _coherent_tiny_wan()
+def test_full_plus_skip_on_tiny_wan_skips_on_concentrated_attention(coherent_tiny_wan):
+    model, x, e = coherent_tiny_wan()
     ts = [900.0, 800.0, 700.0, 600.0]
     ref = [model(x, torch.tensor([t]), e, return_dict=False)[0] for t in ts]
     handle = dit_sparse.apply(model, "full+skip", 0.5, warmup_steps=0, warmup_layers=0, backend="reference")
