@@ -100,11 +100,10 @@ def reference_block_sparse_attention(
                 tm.scatter_reduce_(2, sel_range, s_rows, reduce="amax")
                 tile_max[:, :, i] = torch.maximum(tile_max[:, :, i], tm)
 
-    out = torch.empty_like(out_p)
     if plan.q_perm is None:
         out, lse = out_p, lse_p
     else:
-        out.scatter_(2, plan.q_perm[..., None].expand(-1, -1, -1, D), out_p)
+        out = torch.empty_like(out_p).scatter_(2, plan.q_perm[..., None].expand(-1, -1, -1, D), out_p)
         lse = torch.empty_like(lse_p).scatter_(2, plan.q_perm, lse_p)
     stats = None
     if tile_max is not None:
