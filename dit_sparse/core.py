@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from dit_sparse.kernels import block_sparse_attention
+from dit_sparse.kernels import block_sparse_attention, select_backend
 
 from .config import SparseConfig
 from .method import SparseMethod
@@ -46,6 +47,7 @@ class SparseAttentionCore:
         self.stats = SparsityStats()
         self.timer: Callable[[str], Any] | None = None  # e.g. eval's AttentionTimer.section
         self._warned: set[str] = set()
+        self._mask_verdict: tuple[weakref.ref, int, bool] | None = None
 
     def _warn_once(self, reason: str) -> None:
         if reason not in self._warned:
@@ -106,22 +108,28 @@ class SparseAttentionCore:
                 self.stats.add_dense(B * H * S * key.shape[1], fallback=True)
                 return dense_fn()
             plan = self.method.plan(q, k, v, ctx)
-            if plan is None:
-                self.stats.add_dense(B * H * S * key.shape[1])
+            out = None if plan is None else self._execute(q, k, v, plan, ctx, scale)
+            if out is None:
+                self.stats.add_dense(B * H * S * key.shape[1], fallback=plan is not None)
                 return dense_fn()
-            result = block_sparse_attention(
-                q,
-                k,
-                v,
-                plan,
-                scale=scale,
-                return_lse=self.method.wants_lse,
-                return_tile_stats=self.method.wants_tile_stats,
-                backend=self.backend,
-            )
-            self.method.observe(ctx, plan, result)
-            self.stats.add_sparse(plan)
-            return result.out.transpose(1, 2)
+            return out.transpose(1, 2)
+
+    def _execute(self, q: Tensor, k: Tensor, v: Tensor, plan, ctx, scale: float | None) -> Tensor | None:
+        """Run `plan` on the fastest backend that supports it and let the method observe the result.
+
+        Returns None (after one warning per reason) when the inputs are on a GPU but no fast kernel runs
+        them (e.g. float32, an unsupported head dim): the caller then runs the model's own dense attention
+        rather than the slow reference executor, which is for the CPU and tests.
+        """
+        name, why = select_backend(q, plan, self.backend, self.method.wants_tile_stats)
+        if not name:
+            self._warn_once(f"no fast kernel runs these inputs ({why})")
+            return None
+        result = block_sparse_attention(q, k, v, plan, scale=scale, return_lse=self.method.wants_lse,
+                                        return_tile_stats=self.method.wants_tile_stats, backend=name)
+        self.method.observe(ctx, plan, result)
+        self.stats.add_sparse(plan)
+        return result.out
 
     def _attend_ulysses(self, query, key, value, group: UlyssesGroup, layer, layer_name, dense_fn, text_first,
                         attention_mask, scale) -> Tensor:
@@ -167,31 +175,37 @@ class SparseAttentionCore:
                 warnings.warn("dit-sparse: under context parallelism budget_scope='layer' shares the budget "
                               "among each rank's heads only", stacklevel=3)
             plan = self.method.plan(q, k, v, ctx)
-        if plan is None:
+        out = None if plan is None else self._execute(q, k, v, plan, ctx, scale)
+        if out is None:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-            self.stats.add_dense(pairs)
-        else:
-            result = block_sparse_attention(q, k, v, plan, scale=scale, return_lse=self.method.wants_lse,
-                                            return_tile_stats=self.method.wants_tile_stats, backend=self.backend)
-            self.method.observe(ctx, plan, result)
-            self.stats.add_sparse(plan)
-            out = result.out
+            self.stats.add_dense(pairs, fallback=plan is not None)
         out = out.transpose(1, 2)  # [B, S*n, H/n, D]
         if order is not None:
             out = out.index_select(1, order[1])
         return group.to_sequence(out)
 
-    @staticmethod
-    def _unsupported(query: Tensor, key: Tensor, attention_mask: Tensor | None) -> str | None:
+    def _unsupported(self, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> str | None:
         if key.shape[1] != query.shape[1]:
             return "query and key lengths differ (cross-attention stays dense)"
-        # Boolean masks mark allowed positions; additive float masks allow where they are 0.
-        allowed = attention_mask
-        if allowed is not None and allowed.dtype != torch.bool:
-            allowed = allowed == 0
-        if allowed is not None and not bool(allowed.all()):
+        if attention_mask is not None and not self._mask_allows_all(attention_mask):
             return "the model passed an attention mask with masked positions (not expressible as a block plan)"
         return None
+
+    def _mask_allows_all(self, mask: Tensor) -> bool:
+        """Whether an attention mask allows every position.
+
+        SYNC: reading the verdict is a host synchronisation. Models build one mask per forward and hand
+        the same tensor to every layer, so the verdict is kept for that tensor object (and its version):
+        one sync per forward, not per attention call.
+        """
+        cached = self._mask_verdict
+        if cached is not None and cached[0]() is mask and cached[1] == mask._version:
+            return cached[2]
+        # Boolean masks mark allowed positions; additive float masks allow where they are 0.
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        verdict = bool(allowed.all())
+        self._mask_verdict = (weakref.ref(mask), mask._version, verdict)
+        return verdict
 
 
 def _cp_size(parallel_config: Any) -> int:

@@ -35,12 +35,25 @@ class HeadConfigMismatch(ConfigError):
 
 
 # ---------------------------------------------------------------------- scoring
-def sample_rows(tiling: VideoTiling, count: int, seed: int = 0) -> Tensor:
-    """int64 [R] sorted original indices of up to `count` distinct random video query tokens (CPU)."""
+def sample_rows(tiling: VideoTiling, count: int, seed: int = 0, device: torch.device | str = "cpu") -> Tensor:
+    """int64 [R] sorted original indices of up to `count` distinct random video query tokens.
+
+    Drawn on `device` with that device's generator (no host transfer on the GPU path), so the same seed
+    picks different rows on the CPU and on a GPU.
+    """
     L = tiling.layout
-    g = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFF)
-    pick = torch.randperm(L.video_tokens, generator=g)[: min(count, L.video_tokens)]
+    g = torch.Generator(device=device).manual_seed(int(seed) & 0x7FFFFFFF)
+    pick = torch.randperm(L.video_tokens, generator=g, device=device)[: min(count, L.video_tokens)]
     return pick.sort().values + L.video_start
+
+
+def _device_masks(tiling: VideoTiling, patterns: list[TilePattern], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(bool [P, NR, NR] range masks of `patterns`, int64 [S] range of each token), on `device`, cached."""
+    key = ("device_masks", tuple(patterns), str(device))
+    if key not in tiling._cache:
+        masks = torch.stack([range_mask(tiling, p) for p in patterns]).to(device)
+        tiling._cache[key] = (masks, tiling.range_of_token.to(device))
+    return tiling._cache[key]
 
 
 def pattern_errors(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, patterns: list[TilePattern],
@@ -52,11 +65,10 @@ def pattern_errors(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, pattern
     """
     B, H, S, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    rows_cpu = rows.cpu()
-    key_range = tiling.range_of_token
-    q_range = key_range[rows_cpu]
-    masks = torch.stack([range_mask(tiling, p)[q_range][:, key_range] for p in patterns]).to(q.device)
-    rows = rows_cpu.to(q.device)
+    full, key_range = _device_masks(tiling, patterns, q.device)  # built once per (tiling, patterns)
+    if rows.device != q.device:
+        rows = rows.to(q.device)
+    masks = full[:, key_range[rows]][:, :, key_range]  # [P, R, S]
     R = rows.numel()
     chunk = max(1, min(H, max_elems // max(B * R * S, 1)))
     out = torch.empty(B, H, len(patterns), dtype=torch.float32, device=q.device)
@@ -75,9 +87,10 @@ def pattern_errors(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, pattern
 
 
 def classify_heads(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, patterns: list[TilePattern],
-                   rows: Tensor) -> list[int]:
-    """Index into `patterns` of the lowest-error pattern per head (errors averaged over the batch)."""
-    return pattern_errors(q, k, v, tiling, patterns, rows).mean(0).argmin(-1).tolist()
+                   rows: Tensor) -> Tensor:
+    """Index into `patterns` of the lowest-error pattern per head (errors averaged over the batch):
+    int64 [H] on q's device (never read back, so classifying does not synchronise)."""
+    return pattern_errors(q, k, v, tiling, patterns, rows).mean(0).argmin(-1)
 
 
 # ---------------------------------------------------------------------- saved assignments

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -343,41 +342,52 @@ def search_candidates(tiling: VideoTiling, budget: float, sink: bool = False) ->
 
 
 # ---------------------------------------------------------------------- plans
-_PLAN_CACHE: OrderedDict[tuple, BlockPlan] = OrderedDict()
-_PLAN_CACHE_SIZE = 256
-
-
 def _indices(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(int32 [NR, NR] selected key ranges first, ascending, padded with 0; int32 [NR] counts) of a mask."""
     counts = mask.sum(-1, dtype=torch.int32)
-    order = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True)
-    return order.to(torch.int32), counts
+    order = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return torch.where(torch.arange(mask.shape[-1]) < counts[..., None], order, 0), counts
 
 
-def build_plan(tiling: VideoTiling, patterns: tuple[TilePattern, ...], batch: int) -> BlockPlan:
-    """The `BlockPlan` running head h with `patterns[h]` on `tiling` (cached: same object on a hit)."""
-    key = (tiling.key, patterns, batch)
-    plan = _PLAN_CACHE.get(key)
-    if plan is not None:
-        _PLAN_CACHE.move_to_end(key)
-        return plan
-    unique = list(dict.fromkeys(patterns))
-    per = [_indices(range_mask(tiling, p)) for p in unique]  # built once per distinct pattern
-    maxk = max(int(c.max()) for _, c in per)
-    idx = torch.stack([o[:, :maxk] for o, _ in per])  # [U, NR, maxk]
-    cnt = torch.stack([c for _, c in per])
-    idx = torch.where(torch.arange(maxk) < cnt[..., None], idx, 0)
-    head_of = torch.tensor([unique.index(p) for p in patterns])
-    dev, H, S = tiling.device, len(patterns), tiling.seq_len
-    kv_indices = idx[head_of].to(dev).unsqueeze(0).expand(batch, H, -1, -1)
-    kv_counts = cnt[head_of].to(dev).unsqueeze(0).expand(batch, H, -1)
+def _pattern_indices(tiling: VideoTiling, patterns: tuple[TilePattern, ...]) -> tuple[Tensor, Tensor]:
+    """Stacked (indices [P, NR, NR], counts [P, NR]) of distinct patterns on the tiling's device, cached."""
+    key = ("pattern_indices", patterns)
+    if key not in tiling._cache:
+        per = [_indices(range_mask(tiling, p)) for p in patterns]
+        tiling._cache[key] = (torch.stack([i for i, _ in per]).to(tiling.device),
+                              torch.stack([c for _, c in per]).to(tiling.device))
+    return tiling._cache[key]
+
+
+def _plan_from(tiling: VideoTiling, kv_indices: Tensor, kv_counts: Tensor, batch: int) -> BlockPlan:
+    """The plan running per-head indices [H, NR, NR] / counts [H, NR] on the tiling's tile-major order."""
+    H, S = kv_indices.shape[0], tiling.seq_len
     offsets = tiling.offsets.view(1, 1, -1).expand(batch, H, -1)
     perm = tiling.perm.view(1, 1, -1).expand(batch, H, S)
     block = None if tiling.block is None else (tiling.block, tiling.block)
-    plan = BlockPlan(offsets, offsets, kv_indices, kv_counts, q_perm=perm, k_perm=perm, block_size=block)
-    _PLAN_CACHE[key] = plan
-    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-        _PLAN_CACHE.popitem(last=False)
-    return plan
+    return BlockPlan(offsets, offsets, kv_indices.unsqueeze(0).expand(batch, -1, -1, -1),
+                     kv_counts.unsqueeze(0).expand(batch, -1, -1), q_perm=perm, k_perm=perm, block_size=block,
+                     seq_lens=(S, S))
+
+
+def build_plan(tiling: VideoTiling, patterns: tuple[TilePattern, ...], batch: int) -> BlockPlan:
+    """The `BlockPlan` running head h with `patterns[h]` on `tiling` (cached in the tiling: same object on
+    a hit, so a kernel's per-plan preparation is paid once)."""
+    key = ("plan", patterns, batch)
+    if key not in tiling._cache:
+        unique = tuple(dict.fromkeys(patterns))
+        idx, cnt = _pattern_indices(tiling, unique)  # built once per distinct pattern
+        head_of = torch.tensor([unique.index(p) for p in patterns], device=tiling.device)
+        tiling._cache[key] = _plan_from(tiling, idx[head_of], cnt[head_of], batch)
+    return tiling._cache[key]
+
+
+def build_choice_plan(tiling: VideoTiling, candidates: tuple[TilePattern, ...], choice: Tensor,
+                      batch: int) -> BlockPlan:
+    """The plan running head h with `candidates[choice[h]]`, `choice` an int64 [H] device tensor: built by
+    indexing on the device, so a per-head choice made on the GPU is never read back."""
+    idx, cnt = _pattern_indices(tiling, candidates)
+    return _plan_from(tiling, idx[choice], cnt[choice], batch)
 
 
 # ---------------------------------------------------------------------- method
@@ -509,9 +519,15 @@ class SpatioTemporalWindows(SparseMethod):
             self._calibrate(q, k, v, ctx, tiling)
             return None
         patterns = self._head_patterns(q, k, v, ctx, tiling)
-        key = (tiling.key, patterns, q.shape[0])
-        if state.get("plan_key") != key:
-            state["plan_key"], state["plan"] = key, build_plan(tiling, patterns, q.shape[0])
+        if not isinstance(patterns[-1], Tensor):
+            key = (tiling.key, patterns, q.shape[0])
+            if state.get("plan_key") != key:
+                state["plan_key"], state["plan"] = key, build_plan(tiling, patterns, q.shape[0])
+        else:  # online choice: a device tensor of candidate indices per head
+            cands, choice = patterns
+            key = (tiling.key, cands, q.shape[0], id(choice))
+            if state.get("plan_key") != key:
+                state["plan_key"], state["plan"] = key, build_choice_plan(tiling, cands, choice, q.shape[0])
         state["shape"] = shape
         return state["plan"]
 
@@ -523,8 +539,10 @@ class SpatioTemporalWindows(SparseMethod):
         return last is None or ctx.step - last[1] >= opts.classify_every
 
     # ------------------------------------------------------------------ per-head choice
-    def _head_patterns(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext,
-                       tiling: VideoTiling) -> tuple[TilePattern, ...]:
+    def _head_patterns(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, tiling: VideoTiling
+                       ) -> tuple[TilePattern, ...] | tuple[tuple[TilePattern, ...], Tensor]:
+        """Per-head patterns, or (candidates, int64 [H] device tensor of each head's choice) when chosen
+        online: the choice stays on the device."""
         H = q.shape[1]
         opts, state = self.options, ctx.state
         if self.assignment is not None:
@@ -548,9 +566,9 @@ class SpatioTemporalWindows(SparseMethod):
         else:
             from .head_search import classify_heads, sample_rows
 
-            rows = sample_rows(tiling, opts.sample_rows, seed=opts.seed + 7919 * ctx.step + ctx.layer)
-            choice = classify_heads(q, k, v, tiling, list(cands), rows)
-            heads = tuple(cands[i] for i in choice)
+            rows = sample_rows(tiling, opts.sample_rows, seed=opts.seed + 7919 * ctx.step + ctx.layer,
+                               device=q.device)
+            heads = (cands, classify_heads(q, k, v, tiling, list(cands), rows))
         state["classified"] = ((tiling.key, cands, H), ctx.step, heads)
         return heads
 

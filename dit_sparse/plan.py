@@ -11,13 +11,20 @@ A plan says, per (batch, head):
   repeated one would be computed twice; entries past the count are ignored and must be valid indices,
   conventionally 0).
 
+A plan is static data, like FlexAttention's `BlockMask`: the sequence lengths are Python ints and the
+index tensors have a width fixed by shapes (the number of key ranges), never by the data, so building and
+executing a plan needs no host synchronisation and no data-dependent shape. Values derived from a plan
+(pair counts, a kernel's launch metadata) are cached in `plan.derived`, so a plan reused across layers or
+steps pays for them once; plans are treated as immutable.
+
 Every tensor has leading dims (B, H) (expanded views are fine). Kernels never see models; methods never
 call kernels: they return a plan and the attention processor executes it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +47,25 @@ class BlockPlan:
     q_perm: Tensor | None = None  # int64 [B, H, Sq]
     k_perm: Tensor | None = None  # int64 [B, H, Sk]
     block_size: tuple[int, int] | None = None  # set when every range is a fixed-size block
+    # Python-int sequence lengths. Left as None they are read from the offsets once, here (a host sync):
+    # every method passes them, so the steady state never syncs.
+    seq_lens: tuple[int, int] | None = None
+    # Values derived from this plan, computed on first use (see `cached`); never part of equality.
+    derived: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.seq_lens is None:
+            sq = int(self.q_offsets[0, 0, -1]) if self.q_offsets.numel() else 0
+            sk = int(self.k_offsets[0, 0, -1]) if self.k_offsets.numel() else 0
+            object.__setattr__(self, "seq_lens", (sq, sk))
+        else:
+            object.__setattr__(self, "seq_lens", (int(self.seq_lens[0]), int(self.seq_lens[1])))
+
+    def cached(self, key: Any, build: Any) -> Any:
+        """`build()` computed once per plan and key (kernel launch metadata, pair counts, ...)."""
+        if key not in self.derived:
+            self.derived[key] = build()
+        return self.derived[key]
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -60,11 +86,11 @@ class BlockPlan:
 
     @property
     def seq_len_q(self) -> int:
-        return int(self.q_offsets[0, 0, -1])
+        return self.seq_lens[0]
 
     @property
     def seq_len_k(self) -> int:
-        return int(self.k_offsets[0, 0, -1])
+        return self.seq_lens[1]
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -94,6 +120,7 @@ class BlockPlan:
             q_perm=q_perm,
             k_perm=k_perm,
             block_size=(bq, bk),
+            seq_lens=(sq, sk),
         )
 
     @classmethod
@@ -105,15 +132,19 @@ class BlockPlan:
         q_perm: Tensor | None = None,
         k_perm: Tensor | None = None,
         block_size: tuple[int, int] | None = None,
+        seq_lens: tuple[int, int] | None = None,
     ) -> BlockPlan:
-        """Plan from a boolean [B, H, NQ, NK] mask over arbitrary ranges given by offsets."""
+        """Plan from a boolean [B, H, NQ, NK] mask over arbitrary ranges given by offsets.
+
+        `kv_indices` gets the static width NK (every key range), so no count is read back to the host;
+        pass `seq_lens` (Python ints) to keep the construction free of host synchronisation.
+        """
         mask = mask.bool()
         counts = mask.sum(-1, dtype=torch.int32)
         # Stable sort keeps selected indices ascending, which keeps key reads sequential.
         order = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True)
-        maxk = max(int(counts.max()) if counts.numel() else 0, 1)
-        idx = order[..., :maxk].to(torch.int32)
-        idx = torch.where(torch.arange(maxk, device=mask.device) < counts[..., None], idx, 0)
+        nk = mask.shape[-1]
+        idx = torch.where(torch.arange(nk, device=mask.device) < counts[..., None], order.to(torch.int32), 0)
         return cls(
             q_offsets=q_offsets.to(torch.int32),
             k_offsets=k_offsets.to(torch.int32),
@@ -122,6 +153,7 @@ class BlockPlan:
             q_perm=q_perm,
             k_perm=k_perm,
             block_size=block_size,
+            seq_lens=seq_lens,
         )
 
     @classmethod
@@ -144,7 +176,10 @@ class BlockPlan:
         return hits > 0
 
     def pair_counts(self) -> Tensor:
-        """Number of computed query-key pairs per (batch, head), as int64 [B, H]."""
+        """Number of computed query-key pairs per (batch, head), as int64 [B, H] (cached per plan)."""
+        return self.cached("pair_counts", self._pair_counts)
+
+    def _pair_counts(self) -> Tensor:
         q_len = (self.q_offsets[..., 1:] - self.q_offsets[..., :-1]).long()
         k_len = (self.k_offsets[..., 1:] - self.k_offsets[..., :-1]).long()
         per_q = (self.block_mask().long() * k_len[..., None, :]).sum(-1)
@@ -175,8 +210,8 @@ class BlockPlan:
 
     def with_mask(self, mask: Tensor) -> BlockPlan:
         """The same ranges and order with a new [B, H, NQ, NK] selection (used by plan transforms)."""
-        new = BlockPlan.from_range_mask(mask, self.q_offsets, self.k_offsets, self.q_perm, self.k_perm)
-        return replace(new, block_size=self.block_size)
+        return BlockPlan.from_range_mask(mask, self.q_offsets, self.k_offsets, self.q_perm, self.k_perm,
+                                         block_size=self.block_size, seq_lens=self.seq_lens)
 
     def validate(self) -> None:
         """Raise ValueError if the plan is malformed (shapes, monotone offsets, index ranges)."""
@@ -185,11 +220,12 @@ class BlockPlan:
             raise ValueError("q_offsets/k_offsets must have leading dims (B, H) like kv_counts")
         if self.q_offsets.shape[-1] != NQ + 1:
             raise ValueError(f"q_offsets has {self.q_offsets.shape[-1]} entries, expected NQ + 1 = {NQ + 1}")
-        for name, off in (("q_offsets", self.q_offsets), ("k_offsets", self.k_offsets)):
+        for name, off, s in (("q_offsets", self.q_offsets, self.seq_len_q),
+                             ("k_offsets", self.k_offsets, self.seq_len_k)):
             if (off[..., 0] != 0).any() or (off[..., 1:] < off[..., :-1]).any():
                 raise ValueError(f"{name} must start at 0 and be non-decreasing")
-            if (off[..., -1] != off[0, 0, -1]).any():
-                raise ValueError(f"{name} must end at the same sequence length for every (batch, head)")
+            if (off[..., -1] != s).any():
+                raise ValueError(f"{name} must end at the plan's sequence length {s} for every (batch, head)")
         if self.kv_indices.shape[:3] != (B, H, NQ):
             raise ValueError("kv_indices must be [B, H, NQ, MAXK]")
         if (self.kv_counts < 0).any() or (self.kv_counts > self.kv_indices.shape[-1]).any():

@@ -25,11 +25,12 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class PooledConfig:
-    """Options of the "pooled" method: block size (tokens, power of two >= 16), top_p, min_block_ratio
-    (key blocks per query block taken before top-p candidates), budget_scope ("head" or "layer"),
-    replan_every (denoising steps a plan is reused for; 1 = re-estimate every step)."""
+    """Options of the "pooled" method: block size (tokens, power of two >= 16; None = 128 from 8,192
+    tokens on, where blocks of the kernels' 128-row tiles leave no tile half empty, 64 below), top_p,
+    min_block_ratio (key blocks per query block taken before top-p candidates), budget_scope ("head" or
+    "layer"), replan_every (denoising steps a plan is reused for; 1 = re-estimate every step)."""
 
-    block_size: int = 64
+    block_size: int | None = None
     top_p: float = 0.9
     min_block_ratio: float = 0.02
     budget_scope: str = "head"
@@ -38,7 +39,7 @@ class PooledConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.replan_every, int) or self.replan_every < 1:
             raise ValueError(f"replan_every must be an integer >= 1, got {self.replan_every!r}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+        if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
@@ -71,7 +72,7 @@ class PooledBlocks(SparseMethod):
 
     def _plan(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> BlockPlan:
         B, H, S, D = q.shape
-        bs = self.options.block_size
+        bs = self.options.block_size or (128 if S >= 8192 else 64)
         n = (S + bs - 1) // bs
         logits = torch.matmul(mean_pool(q, bs), mean_pool(k, bs).transpose(-1, -2)) * (1.0 / math.sqrt(D))
         starts = torch.arange(n, device=q.device) * bs

@@ -61,6 +61,12 @@ class SemanticConfig:
     replan_every: re-cluster and re-select every this many denoising steps, reusing the plan (token
         order and selected blocks) in between; 1 = every step. Larger values trade a little quality for
         planning cost (k-means plus selection are paid once per `replan_every` steps).
+    layout: how the cluster-sorted order is cut into plan ranges. "clusters": one range per cluster
+        (exact clusters, variable sizes: the kernel's 128-row tiles run partly empty on small clusters).
+        "blocks": fixed `block_size` blocks of the cluster-sorted order, each scored by the exact mean of
+        its tokens (computed from the centroids, no pass over the tokens): every tile is full and the
+        fastest fixed-block kernels run the plan. "auto": blocks from 8,192 video tokens on, clusters below.
+    block_size: tokens per block in the "blocks" layout.
     """
 
     num_q_clusters: int | None = None
@@ -72,8 +78,14 @@ class SemanticConfig:
     init: str = "strided"
     budget_scope: str = "head"
     replan_every: int = 1
+    layout: str = "auto"
+    block_size: int = 128
 
     def __post_init__(self) -> None:
+        if self.layout not in ("auto", "clusters", "blocks"):
+            raise ValueError(f"layout must be 'auto', 'clusters' or 'blocks', got {self.layout!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size % 16:
+            raise ValueError(f"block_size must be a multiple of 16 (e.g. 128), got {self.block_size!r}")
         if not isinstance(self.replan_every, int) or self.replan_every < 1:
             raise ValueError(f"replan_every must be an integer >= 1, got {self.replan_every!r}")
         for name in ("num_q_clusters", "num_k_clusters"):
@@ -138,11 +150,18 @@ class SemanticPermutation(SparseMethod):
         sig = (tuple(q.shape), q.device, self.sparsity)
         return reuse_plan(ctx, "semantic_plan", sig, self.options.replan_every, lambda: self._plan(q, k, ctx))
 
+    def blocked(self, video_tokens: int) -> bool:
+        """Whether plans use the fixed-block layout for this many video tokens (see `SemanticConfig`)."""
+        layout = self.options.layout
+        return layout == "blocks" or (layout == "auto" and video_tokens >= _AUTO_BLOCKS_FROM)
+
     def _plan(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> BlockPlan:
         B, H, S, D = q.shape
         start, n = _video_span(S, ctx)
         qv, kv = q[:, :, start : start + n], k[:, :, start : start + n]
         qr, kr = self.cluster(qv, kv, ctx)
+        if self.blocked(n):
+            return self._block_plan(q, k, qr, kr, start, n)
         q_perm, q_off, k_perm, k_off = qr.perm, qr.offsets, kr.perm, kr.offsets
         qc, kc = qr.centroids, kr.centroids
         q_sizes, k_sizes = qr.counts, kr.counts
@@ -150,7 +169,8 @@ class SemanticPermutation(SparseMethod):
         force_q = force_k = None
         if text:
             # Text: one extra range at the end of each order, scored by its mean vector.
-            text_idx = torch.cat([torch.arange(0, start), torch.arange(start + n, S)]).to(q.device)
+            pos = torch.arange(S - n, device=q.device)
+            text_idx = torch.where(pos < start, pos, pos + n)  # the tokens before and after the video
             text_idx = text_idx.expand(B, H, text)
             q_perm = torch.cat([q_perm + start, text_idx], -1)
             k_perm = torch.cat([k_perm + start, text_idx], -1)
@@ -177,4 +197,55 @@ class SemanticPermutation(SparseMethod):
             force_k=force_k,
             budget_scope=self.options.budget_scope,
         )
-        return BlockPlan.from_range_mask(mask, q_off, k_off, q_perm=q_perm, k_perm=k_perm)
+        return BlockPlan.from_range_mask(mask, q_off, k_off, q_perm=q_perm, k_perm=k_perm, seq_lens=(S, S))
+
+    def _block_plan(self, q: Tensor, k: Tensor, qr: KMeansResult, kr: KMeansResult, start: int, n: int
+                    ) -> BlockPlan:
+        """Fixed blocks over the cluster-sorted orders (text, if any, at the end), scored by block means."""
+        B, H, S, D = q.shape
+        bs = min(self.options.block_size, S)
+        q_perm, q_off, qc = qr.perm + start, qr.offsets, qr.centroids
+        k_perm, k_off, kc = kr.perm + start, kr.offsets, kr.centroids
+        if S > n:
+            pos = torch.arange(S - n, device=q.device)
+            text_idx = torch.where(pos < start, pos, pos + n).expand(B, H, S - n)
+            end = torch.full((B, H, 1), S, dtype=torch.int32, device=q.device)
+            q_perm, k_perm = torch.cat([q_perm, text_idx], -1), torch.cat([k_perm, text_idx], -1)
+            q_off, k_off = torch.cat([q_off, end], -1), torch.cat([k_off, end], -1)
+            idx = text_idx[..., None].expand(B, H, S - n, D)
+            qc = torch.cat([qc, torch.gather(q, 2, idx).float().mean(2, keepdim=True)], 2)
+            kc = torch.cat([kc, torch.gather(k, 2, idx).float().mean(2, keepdim=True)], 2)
+        nb = (S + bs - 1) // bs
+        b0 = torch.arange(nb, device=q.device) * bs
+        b1 = (b0 + bs).clamp(max=S)
+        sizes = (b1 - b0).expand(B, H, nb)
+        logits = torch.matmul(_block_means(q_off, qc, b0, b1), _block_means(k_off, kc, b0, b1).transpose(-1, -2))
+        text = (b1 > n) if S > n else None  # blocks holding text: computed both ways
+        mask = select_blocks(
+            logits * (1.0 / math.sqrt(D)),
+            sizes,
+            sizes,
+            self.sparsity,
+            top_p=self.options.top_p,
+            min_blocks=max(1, math.ceil(self.options.min_kc_ratio * nb)),
+            force_q=text,
+            force_k=text,
+            budget_scope=self.options.budget_scope,
+        )
+        return BlockPlan.from_block_mask(mask, bs, S, q_perm=q_perm, k_perm=k_perm)
+
+
+_AUTO_BLOCKS_FROM = 8192  # video tokens from which layout="auto" uses fixed blocks
+
+
+def _block_means(offsets: Tensor, centroids: Tensor, b0: Tensor, b1: Tensor) -> Tensor:
+    """Mean vector of each fixed block [b0, b1) of a cluster-sorted order, from the cluster ranges
+    `offsets` [B, H, K + 1] and their means `centroids` [B, H, K, D]: float32 [B, H, NB, D].
+
+    A block's mean is the token-weighted mean of the centroids of the clusters it overlaps, which is
+    exactly the mean of its tokens because each centroid is the mean of its cluster's members.
+    """
+    lo = offsets[..., :-1].unsqueeze(-2).long()  # [B, H, 1, K]
+    hi = offsets[..., 1:].unsqueeze(-2).long()
+    overlap = (torch.minimum(hi, b1[:, None]) - torch.maximum(lo, b0[:, None])).clamp_min(0).float()
+    return torch.matmul(overlap, centroids.float()) / (b1 - b0)[:, None].float()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -11,18 +11,29 @@ from .plan import BlockPlan
 
 @dataclass
 class SparsityStats:
-    """Pairs computed vs possible, split into sparse calls and dense (warm-up / fallback) calls."""
+    """Pairs computed vs possible, split into sparse calls and dense (warm-up / fallback) calls.
+
+    Computed pairs accumulate in one device counter per device (added in place, never read on the hot
+    path), so a run of any length keeps the statistics' memory constant; `summary` syncs once.
+    """
 
     sparse_calls: int = 0
     dense_calls: int = 0
     fallback_calls: int = 0
-    _computed: list[torch.Tensor] = field(default_factory=list)
     _sparse_total: int = 0
     _dense_total: int = 0
 
+    def __post_init__(self) -> None:
+        self._computed: dict[torch.device, torch.Tensor] = {}
+
     def add_sparse(self, plan: BlockPlan) -> None:
         self.sparse_calls += 1
-        self._computed.append(plan.pair_counts().sum())
+        pairs = plan.cached("pairs_total", lambda: plan.pair_counts().sum())
+        acc = self._computed.get(pairs.device)
+        if acc is None:
+            self._computed[pairs.device] = pairs.detach().clone()
+        else:
+            acc.add_(pairs)
         self._sparse_total += plan.batch * plan.heads * plan.seq_len_q * plan.seq_len_k
 
     def add_dense(self, pairs: int, fallback: bool = False) -> None:
@@ -32,7 +43,7 @@ class SparsityStats:
 
     def summary(self) -> dict[str, float | int]:
         """Achieved sparsity over sparse calls and over all self-attention calls (syncs once)."""
-        computed = float(torch.stack(self._computed).sum()) if self._computed else 0.0
+        computed = float(sum(int(t) for t in self._computed.values()))
         sparse = 1.0 - computed / self._sparse_total if self._sparse_total else 0.0
         total = self._sparse_total + self._dense_total
         overall = 1.0 - (computed + self._dense_total) / total if total else 0.0
@@ -45,4 +56,6 @@ class SparsityStats:
         }
 
     def reset(self) -> None:
-        self.__init__()
+        self.sparse_calls = self.dense_calls = self.fallback_calls = 0
+        self._sparse_total = self._dense_total = 0
+        self._computed = {}

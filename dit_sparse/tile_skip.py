@@ -81,7 +81,9 @@ def pack_bits(mask: Tensor) -> Tensor:
     n = mask.shape[-1]
     pad = (-n) % 8
     m = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).unflatten(-1, (-1, 8))
-    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=mask.device)
+    # Built on the device (a host tensor would be a synchronising copy on every call).
+    weights = torch.bitwise_left_shift(torch.ones(8, dtype=torch.uint8, device=mask.device),
+                                       torch.arange(8, dtype=torch.uint8, device=mask.device))
     return (m * weights).sum(-1, dtype=torch.uint8)
 
 

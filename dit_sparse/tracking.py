@@ -103,6 +103,8 @@ def _scalar_timestep(t: Any) -> float | None:
         return None
     if isinstance(t, torch.Tensor):
         # Per-sample (or, in Wan 2.2 TI2V, per-token) timesteps: the largest one tracks the loop.
+        # SYNC: the one host synchronisation of a sparse forward: once per transformer forward (the
+        # step counter must be a Python int to key caches and schedules), never per attention call.
         return float(t.detach().float().max()) if t.numel() else None
     return float(t)
 

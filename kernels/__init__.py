@@ -1,10 +1,18 @@
 """Block-sparse attention kernels shared by every dit-sparse method (`dit_sparse.kernels`).
 
 `block_sparse_attention(q, k, v, plan)` executes a `dit_sparse.plan.BlockPlan` on the fastest available
-backend: Triton on CUDA GPUs, the pure-PyTorch reference elsewhere.
+backend: flash-attn-4 where installed and the plan has fixed blocks, else Triton on CUDA GPUs, the
+pure-PyTorch reference on the CPU.
 """
 
-from .dispatch import Backend, available_backends, block_sparse_attention, register_backend
+from .dispatch import (
+    Backend,
+    auto_order,
+    available_backends,
+    block_sparse_attention,
+    register_backend,
+    select_backend,
+)
 from .reference import reference_block_sparse_attention
 from .result import AttentionResult
 
@@ -13,11 +21,15 @@ try:  # The Triton backend registers itself; its absence only removes the GPU fa
 except ImportError:  # pragma: no cover - depends on the install
     pass
 
+from . import fa4_backend  # noqa: E402,F401 - registers "fa4" ahead of Triton; flash-attn-4 is imported lazily
+
 __all__ = [
     "AttentionResult",
     "Backend",
+    "auto_order",
     "available_backends",
     "block_sparse_attention",
     "reference_block_sparse_attention",
     "register_backend",
+    "select_backend",
 ]

@@ -1,8 +1,11 @@
 """One entry point, `block_sparse_attention`, over a small registry of executors ("backends").
 
-Backends register a callable with the reference executor's signature plus a `supports(q, plan)` check.
-`backend="auto"` picks the first registered GPU backend that supports the inputs and falls back to the
-pure-PyTorch reference, warning once per reason when a GPU input could not use a fast kernel.
+Backends register a callable with the reference executor's signature plus a `supports(q, plan)` check and
+whether they compute tile statistics. `backend="auto"` takes the first backend in the automatic order
+(fastest first, as measured in BENCHMARKS.md: flash-attn-4 where installed, then Triton) that supports the
+inputs; `select_backend` tells the caller beforehand, so that the attention processors can run the
+model's own dense attention (one warning) for CUDA inputs no fast kernel runs. The pure-PyTorch reference
+executes plans on the CPU and in tests.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Backend:
     name: str
     run: Callable[..., AttentionResult]
     supports: Callable[[torch.Tensor, BlockPlan], str | None]  # None if supported, else the reason
+    tile_stats: bool = False  # computes AttentionResult.tile_max (needed by "skip")
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -31,11 +35,50 @@ _AUTO_ORDER: list[str] = []
 _WARNED: set[str] = set()
 
 
-def register_backend(backend: Backend, auto: bool = True) -> None:
-    """Add an executor; `auto=True` lets `backend="auto"` choose it (earlier registrations win)."""
+def register_backend(backend: Backend, auto: bool = True, first: bool = False) -> None:
+    """Add an executor; `auto=True` lets `backend="auto"` choose it (earlier in the order wins; `first`
+    puts it ahead of the backends registered so far)."""
     _BACKENDS[backend.name] = backend
     if auto and backend.name not in _AUTO_ORDER:
-        _AUTO_ORDER.append(backend.name)
+        _AUTO_ORDER.insert(0, backend.name) if first else _AUTO_ORDER.append(backend.name)
+
+
+def auto_order() -> list[str]:
+    """The backends `backend="auto"` tries, in order."""
+    return list(_AUTO_ORDER)
+
+
+def select_backend(q: torch.Tensor, plan: BlockPlan, backend: str = "auto",
+                   tile_stats: bool = False) -> tuple[str, str | None]:
+    """(name of the backend that will run, None) or ("", the reasons none can) for these inputs.
+
+    "reference" is returned for CPU inputs nothing faster runs, and when asked for by name. A named
+    backend that cannot run the inputs is an error (ValueError), not a fallback.
+    """
+    if backend == "reference":
+        return "reference", None
+    if backend != "auto":
+        if backend not in _BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
+        chosen = _BACKENDS[backend]
+        reason = chosen.supports(q, plan)
+        if reason is None and tile_stats and not chosen.tile_stats:
+            reason = "it computes no tile statistics (needed by 'skip'); use backend='triton'"
+        if reason is not None:
+            raise ValueError(f"backend {backend!r} cannot run these inputs: {reason}")
+        return backend, None
+    reasons = []
+    for name in _AUTO_ORDER:
+        cand = _BACKENDS[name]
+        if tile_stats and not cand.tile_stats:
+            continue
+        reason = cand.supports(q, plan)
+        if reason is None:
+            return name, None
+        reasons.append(f"{name}: {reason}")
+    if not q.is_cuda:
+        return "reference", None
+    return "", "; ".join(reasons) or "no GPU kernel is registered"
 
 
 def available_backends() -> list[str]:
@@ -72,23 +115,9 @@ def block_sparse_attention(
     if plan.seq_len_q != q.shape[2] or plan.seq_len_k != k.shape[2]:
         raise ValueError(f"plan covers {plan.seq_len_q}x{plan.seq_len_k} tokens, inputs {q.shape[2]}x{k.shape[2]}")
     kwargs = dict(scale=scale, return_lse=return_lse, return_tile_stats=return_tile_stats)
-    if backend == "reference":
-        return reference_block_sparse_attention(q, k, v, plan, **kwargs)
-    if backend != "auto":
-        if backend not in _BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
-        chosen = _BACKENDS[backend]
-        reason = chosen.supports(q, plan)
+    name, reason = select_backend(q, plan, backend, return_tile_stats)
+    if name == "reference" or not name:
         if reason is not None:
-            raise ValueError(f"backend {backend!r} cannot run these inputs: {reason}")
-        return chosen.run(q, k, v, plan, **kwargs)
-    reasons = []
-    for name in _AUTO_ORDER:
-        cand = _BACKENDS[name]
-        reason = cand.supports(q, plan)
-        if reason is None:
-            return cand.run(q, k, v, plan, **kwargs)
-        reasons.append(f"{name}: {reason}")
-    if q.is_cuda:
-        _warn_once("; ".join(reasons) or "no GPU kernel is registered")
-    return reference_block_sparse_attention(q, k, v, plan, **kwargs)
+            _warn_once(reason)
+        return reference_block_sparse_attention(q, k, v, plan, **kwargs)
+    return _BACKENDS[name].run(q, k, v, plan, **kwargs)

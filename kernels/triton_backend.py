@@ -5,10 +5,10 @@ Handles fixed-size blocks and variable-length ranges, bf16/fp16 (float32 only in
 inside the kernel by default (rows gathered on load, output scattered on store); `gather="copy"` permutes
 Q/K/V physically first instead (kept for measurement, see docs/kernels-notes.md).
 
-Launch metadata derived from a plan is cached per plan object (plans are treated as immutable), so a plan
-reused across layers or steps pays its preparation once. Block sizes / warps / stages are chosen per shape
-by timing a few candidates on first use (`DIT_SPARSE_TRITON_CONFIG=BM,BN,WARPS,STAGES` pins one;
-`DIT_SPARSE_TRITON_AUTOTUNE=0` takes the first candidate). K/V are read with TMA descriptors when the key
+Launch metadata derived from a plan is cached in the plan (`plan.derived`; plans are treated as immutable),
+so a plan reused across layers or steps pays its preparation once. Block sizes / warps / stages come from a
+table chosen offline per (GPU architecture, head dim, plan kind), never from timing during a generation
+(`DIT_SPARSE_TRITON_CONFIG=BM,BN,WARPS,STAGES` pins one). K/V are read with TMA descriptors when the key
 order is the identity (`DIT_SPARSE_TRITON_TMA=0` turns that off); `DIT_SPARSE_TRITON_WS=1` adds Triton
 warp-specialised configs to the autotune list (no gain measured on H100).
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +73,6 @@ _CANDIDATES: dict[int, list[KernelConfig]] = {
         KernelConfig(128, 128, 4, 3),
     ],
 }
-_TUNED: dict[tuple, KernelConfig] = {}
 LAST_CONFIG: KernelConfig | None = None  # the config of the latest call (reported by the benchmark)
 
 # "kernel": gather rows through the permutation inside the kernel; "copy": permute Q/K/V first.
@@ -103,39 +101,20 @@ def _fits_int32(x: Tensor) -> bool:
     return (x.shape[2] - 1) * abs(x.stride(2)) + (x.shape[3] - 1) * abs(x.stride(3)) < 2**31
 
 
-# ---------------------------------------------------------------------------------------- plan cache
-_PLAN_CACHE: dict[int, tuple[weakref.ref, dict]] = {}
-
-
-def _plan_cache(plan: BlockPlan) -> dict:
-    key = id(plan)
-    hit = _PLAN_CACHE.get(key)
-    if hit is not None and hit[0]() is plan:
-        return hit[1]
-    store: dict = {}
-    _PLAN_CACHE[key] = (weakref.ref(plan, lambda _r, k=key: _PLAN_CACHE.pop(k, None)), store)
-    return store
-
-
+# ---------------------------------------------------------------------------------------- plan metadata
 def prepare(plan: BlockPlan, sq: int, sk: int, cfg: KernelConfig, stats: bool) -> tuple[KeyChunks, QueryTiles, dict]:
-    """Chunk lists, query tiles and int32 permutations for `plan` under `cfg` (cached per plan)."""
-    store = _plan_cache(plan)
+    """Chunk lists, query tiles and int32 permutations for `plan` under `cfg` (cached in `plan.derived`)."""
     # Fixed-block chunks do not depend on `stats` (a chunk never straddles two blocks).
     fixed = plan.block_size is not None and plan.block_size[1] == cfg.block_n
-    ck = ("chunks", cfg.block_n, stats and not fixed)
-    if ck not in store:
-        store[ck] = key_chunks(plan, sk, cfg.block_n, stats)
-    chunks = store[ck]
-    tk = ("tiles", cfg.block_m, ck)
-    if tk not in store:
-        store[tk] = query_tiles(plan, sq, cfg.block_m, chunks)
-    if "perms" not in store:
-        B, H = plan.batch, plan.heads
-        store["perms"] = {
-            name: None if p is None else p.reshape(B * H, -1).to(torch.int32).contiguous()
-            for name, p in (("q", plan.q_perm), ("k", plan.k_perm))
-        }
-    return chunks, store[tk], store["perms"]
+    ck = ("triton.chunks", cfg.block_n, stats and not fixed)
+    chunks = plan.cached(ck, lambda: key_chunks(plan, sk, cfg.block_n, stats))
+    tiles = plan.cached(("triton.tiles", cfg.block_m, ck), lambda: query_tiles(plan, sq, cfg.block_m, chunks))
+    B, H = plan.batch, plan.heads
+    perms = plan.cached("triton.perms", lambda: {
+        name: None if p is None else p.reshape(B * H, -1).to(torch.int32).contiguous()
+        for name, p in (("q", plan.q_perm), ("k", plan.k_perm))
+    })
+    return chunks, tiles, perms
 
 
 # ---------------------------------------------------------------------------------------- launch
@@ -215,35 +194,47 @@ def _env_config() -> KernelConfig | None:
     return KernelConfig(bm, bn, w, s)
 
 
-def _choose(q: Tensor, k: Tensor, v: Tensor, plan: BlockPlan, scale: float, flags: tuple) -> KernelConfig:
+def plan_kind(plan: BlockPlan) -> str:
+    """The kernel-relevant kind of a plan: fixed blocks or variable ranges, identity or permuted keys."""
+    kind = "fixed" if plan.block_size is not None else "ranges"
+    return kind + ("-perm" if plan.k_perm is not None else "")
+
+
+# Configurations chosen offline per (GPU architecture, head dim, plan kind), never timed during a
+# generation: `python -m dit_sparse.kernels.bench --tune` times every candidate and prints this table.
+# From the H100 sweep (docs/kernels-notes.md): 128x128 tiles with 8 warps; 2 stages where keys are read
+# contiguously (TMA), 3 where they are gathered through a permutation (more latency to hide).
+STORED_CONFIGS: dict[tuple[int, int, str], KernelConfig] = {
+    (9, 128, "fixed"): KernelConfig(128, 128, 8, 2),
+    (9, 128, "ranges"): KernelConfig(128, 128, 8, 2),
+    (9, 128, "fixed-perm"): KernelConfig(128, 128, 8, 3),
+    (9, 128, "ranges-perm"): KernelConfig(128, 128, 8, 3),
+    (9, 64, "fixed"): KernelConfig(128, 128, 8, 3),
+    (9, 64, "ranges"): KernelConfig(128, 128, 8, 3),
+    (9, 64, "fixed-perm"): KernelConfig(128, 128, 8, 3),
+    (9, 64, "ranges-perm"): KernelConfig(128, 128, 8, 3),
+}
+
+
+def choose_config(q: Tensor, plan: BlockPlan) -> KernelConfig:
+    """The kernel configuration for these inputs: pinned by the environment, else the stored table, else
+    the first candidate of the head dim. A lookup: nothing is timed here."""
     pinned = _env_config()
     if pinned is not None:
         return pinned
     D = q.shape[-1]
-    cands = _CANDIDATES[D]
-    if _INTERPRET or not q.is_cuda or os.environ.get("DIT_SPARSE_TRITON_AUTOTUNE", "1") == "0":
-        return cands[0]
-    fixed = plan.block_size
-    # Sparsity bucket from shapes only (no host sync): the widest row's share of key ranges, in halvings.
-    sparsity = round(math.log2(max(plan.num_k_blocks, 1) / max(plan.kv_indices.shape[-1], 1)))
-    key = (D, q.dtype, q.shape[0] * q.shape[1], q.shape[2], k.shape[2], fixed,
-           plan.q_perm is not None, plan.k_perm is not None, flags, sparsity)
-    if key not in _TUNED:
-        from triton.testing import do_bench
+    if q.is_cuda and not _INTERPRET:
+        major = torch.cuda.get_device_capability(q.device)[0]
+        cfg = STORED_CONFIGS.get((major, D, plan_kind(plan)))
+        if cfg is not None:
+            return cfg
+    return _CANDIDATES[D][0]
 
-        best, best_ms = cands[0], math.inf
-        for cfg in cands:
-            if fixed is not None and cfg.block_m > fixed[0]:
-                continue  # a tile larger than a fixed query block wastes rows
-            fn = lambda c=cfg: _launch(q, k, v, plan, scale, c, *flags, use_tma=USE_TMA)
-            try:
-                ms = do_bench(fn, warmup=5, rep=30, return_mode="median")
-            except Exception:  # a config that does not compile/fit is simply skipped
-                continue
-            if ms < best_ms:
-                best, best_ms = cfg, ms
-        _TUNED[key] = best
-    return _TUNED[key]
+
+def candidate_configs(head_dim: int, plan: BlockPlan) -> list[KernelConfig]:
+    """Configurations worth timing offline for this head dim and plan (used by the tuner)."""
+    fixed = plan.block_size
+    return [c for c in _CANDIDATES[head_dim] if fixed is None or c.block_m <= fixed[0]]
 
 
 def triton_block_sparse_attention(
@@ -269,13 +260,13 @@ def triton_block_sparse_attention(
         raise ValueError(f"gather must be 'kernel' or 'copy', got {gather!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     flags = (return_lse, return_tile_stats, gather)
-    cfg = config or _choose(q, k, v, plan, scale, flags)
+    cfg = config or choose_config(q, plan)
     global LAST_CONFIG
     LAST_CONFIG = cfg
     return _launch(q, k, v, plan, scale, cfg, *flags, use_tma=USE_TMA)
 
 
-register_backend(Backend(name="triton", run=triton_block_sparse_attention, supports=supports))
+register_backend(Backend(name="triton", run=triton_block_sparse_attention, supports=supports, tile_stats=True))
 
 try:  # FlexAttention on fixed-block plans, selectable by name (not chosen by "auto").
     from . import triton_flex  # noqa: F401
