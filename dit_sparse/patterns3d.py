@@ -477,6 +477,7 @@ class SpatioTemporalWindows(SparseMethod):
 
             self.assignment = HeadAssignment.load(options.head_config)
         self._warned: set[str] = set()
+        self._auto_tilings: dict[tuple, VideoTiling] = {}
         self.calibration: dict[str, dict[str, Any]] = {}  # filled in calibrate mode
 
     @property
@@ -497,12 +498,15 @@ class SpatioTemporalWindows(SparseMethod):
             tile, block = self.options.tile, self.options.block
         if tile != "auto":
             return VideoTiling.get(layout, tile, self.options.text_block, device, block)
-        # Kernel-sized tiles first; smaller ones only when the grid is too small for the budget.
-        for target in (128, 64, 32, 16, 8):
-            tiling = VideoTiling.get(layout, choose_tile(layout, target), self.options.text_block, device, block)
-            if float(window_densities(tiling, self.options.first_frame_sink)[0, 0, 0]) <= self.budget:
-                break
-        return tiling
+        key = (layout, str(device))
+        if key not in self._auto_tilings:  # the choice reads host-side densities: once per grid
+            # Kernel-sized tiles first; smaller ones only when the grid is too small for the budget.
+            for target in (128, 64, 32, 16, 8):
+                tiling = VideoTiling.get(layout, choose_tile(layout, target), self.options.text_block, device, block)
+                if float(window_densities(tiling, self.options.first_frame_sink)[0, 0, 0]) <= self.budget:
+                    break
+            self._auto_tilings[key] = tiling
+        return self._auto_tilings[key]
 
     def plan(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> BlockPlan | None:
         layout = ctx.layout

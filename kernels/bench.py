@@ -251,7 +251,7 @@ def _bench_shape(args, name, gen, record):
         real = plan.density()
         t0 = time.time()
         ours = lambda plan=plan: tb.triton_block_sparse_attention(q, k, v, plan)
-        out = ours().out  # compiles, prepares and autotunes
+        out = ours().out  # compiles and prepares the plan
         setup_s = time.time() - t0
         t_ours = bench_ms(ours, args.rep)
         err = sampled_rel_error(q, k, v, plan, out, scale)
@@ -277,11 +277,30 @@ def _bench_shape(args, name, gen, record):
                 rec["flex_rel_err"] = sampled_rel_error(q, k, v, plan, fout, scale)
             except Exception as e:  # report, keep going
                 rec["flex_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        _fa4_row(rec, q, k, v, plan, scale, args.rep)
         record(**rec)
         if abs(d - 0.1) < 1e-9:
             fixed10 = plan
     if name == "wan1.3b-480p" and not args.no_extras:
         _extras(args, q, k, v, scale, gen, fixed10, record)
+
+
+def _fa4_row(rec, q, k, v, plan, scale, rep):
+    """flash-attn-4 on the same plan, when installed and supported (its first call compiles)."""
+    from dit_sparse.kernels import fa4_backend
+
+    reason = fa4_backend.supports(q, plan)
+    if reason is not None:
+        rec["fa4_error"] = reason
+        return
+    fn = lambda: fa4_backend.fa4_block_sparse_attention(q, k, v, plan)
+    try:
+        out = fn().out
+        rec["fa4_ms"] = bench_ms(fn, rep)
+        rec["fa4_rel_err"] = sampled_rel_error(q, k, v, plan, out, scale)
+        rec["fa4_vs_triton"] = rec["ms"] / rec["fa4_ms"]
+    except Exception as e:  # report, keep going
+        rec["fa4_error"] = f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def _extras(args, q, k, v, scale, gen, fixed10, record):
@@ -344,7 +363,7 @@ def _extras(args, q, k, v, scale, gen, fixed10, record):
 def _print_table(results: dict) -> None:
     print()
     print(f"device: {results['device']}  torch {results['torch']}  triton {results['triton']}  (bf16, B=1, medians)")
-    hdr = f"{'shape':<14} {'kernel':<27} {'dens':>5} {'real':>6} {'ms':>9} {'TFLOP/s':>8} {'flex ms':>9} {'vs flex':>7} {'vs cuDNN*d':>10} {'rel err':>8}"
+    hdr = f"{'shape':<14} {'kernel':<27} {'dens':>5} {'real':>6} {'ms':>9} {'TFLOP/s':>8} {'flex ms':>9} {'vs flex':>7} {'fa4 ms':>8} {'vs cuDNN*d':>10} {'rel err':>8}"
     print(hdr)
     print("-" * len(hdr))
     for r in results["cases"]:
@@ -353,6 +372,7 @@ def _print_table(results: dict) -> None:
         f = lambda key, fmt, r=r: format(r[key], fmt) if r.get(key) is not None else "-"
         print(f"{r['shape']:<14} {r['kernel']:<27} {f('density', '5.2f'):>5} {f('real_density', '6.3f'):>6} "
               f"{f('ms', '9.3f'):>9} {f('tflops', '8.1f'):>8} {f('flex_ms', '9.3f'):>9} {f('vs_flex', '7.2f'):>7} "
+              f"{f('fa4_ms', '8.3f'):>8} "
               f"{f('vs_cudnn_scaled', '10.2f'):>10} {f('rel_err', '8.1e'):>8}")
     for r in results["cases"]:
         if r["kernel"] == "summary":

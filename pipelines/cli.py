@@ -37,10 +37,11 @@ def _add_eval(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="GPU benchmarks: `bench kernels` or `bench e2e`")
+    p = sub.add_parser("bench", help="GPU benchmarks: `bench kernels`, `bench call` or `bench e2e`")
     bsub = p.add_subparsers(dest="bench", required=True)
     for name, module, help_text in (
         ("kernels", "dit_sparse.kernels.bench", "block-sparse kernels vs cuDNN SDPA and FlexAttention"),
+        ("call", "dit_sparse.eval.bench_call", "one whole sparse attention call per method, planning included"),
         ("e2e", "dit_sparse.eval.bench_e2e", "one transformer forward at real model sizes"),
     ):
         q = bsub.add_parser(name, help=help_text, add_help=False)
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _PASSTHROUGH = {
     ("bench", "kernels"): ("dit_sparse.kernels.bench", "bench kernels"),
+    ("bench", "call"): ("dit_sparse.eval.bench_call", "bench call"),
     ("bench", "e2e"): ("dit_sparse.eval.bench_e2e", "bench e2e"),
     ("train-reference",): ("dit_sparse.pipelines.train_reference", "train-reference"),
 }

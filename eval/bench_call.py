@@ -1,0 +1,267 @@
+"""`dit-sparse bench call`: one whole sparse self-attention call per method, planning included.
+
+What a user's model pays per attention layer and denoising step: the real `SparseAttentionCore` call
+(method planning, backend choice, kernel, statistics) on [B, S, H, D] inputs laid out as Diffusers hands
+them over, in the same process as cuDNN SDPA dense on the same inputs. Every method runs for whole
+re-planning cycles: each timed step is a new denoising step (the step tracker advances and new q/k/v
+arrive), so a method that re-plans every `replan_every` steps pays its planning in the mean exactly as
+often as in a generation. Also reported per method: planning alone (the method's `plan` on fresh
+inputs), the backend that ran, the achieved sparsity, tile efficiency (selected pairs / pairs the
+kernel computes), and whether a warm call is free of host synchronisation
+(`torch.cuda.set_sync_debug_mode("error")`). Prints a table last and writes JSON.
+
+    python -m dit_sparse.eval.bench_call                       # Wan-1.3B and CogVideoX-5B (CFG) shapes
+    python -m dit_sparse.eval.bench_call --shapes wan1.3b-480p --methods semantic,pooled
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from dit_sparse.method import split_method_list, split_method_options
+
+
+@dataclass(frozen=True)
+class CallShape:
+    batch: int
+    heads: int
+    head_dim: int
+    grid: tuple[int, int, int]
+    text: int = 0
+    text_first: bool = False
+
+
+SHAPES = {
+    "wan1.3b-480p": CallShape(1, 12, 128, (21, 30, 52)),
+    "cogvideox-5b-cfg": CallShape(2, 48, 64, (13, 30, 45), text=226, text_first=True),
+    "wan14b-720p": CallShape(1, 40, 128, (21, 45, 80)),
+}
+METHODS = "window3d,window3d[block=128],semantic,semantic[layout=clusters],pooled,window3d+skip"
+
+
+def _inputs(shape: CallShape, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three [B, S, H, D] bf16 tensors with some cluster structure (random centres plus noise)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B, H, D = shape.batch, shape.heads, shape.head_dim
+    S = shape.grid[0] * shape.grid[1] * shape.grid[2] + shape.text
+    out = []
+    for _ in range(3):
+        centres = torch.randn(B, 64, H, D, device="cuda", generator=g) * 2.0
+        pick = torch.randint(0, 64, (B, S), device="cuda", generator=g)
+        x = torch.gather(centres, 1, pick[..., None, None].expand(B, S, H, D))
+        out.append((x + torch.randn(B, S, H, D, device="cuda", generator=g)).to(torch.bfloat16))
+    return out[0], out[1], out[2]
+
+
+def kernel_pairs(plan, tile: int = 128) -> float:
+    """Query-key pairs a kernel computes for `plan`, summed over (B, H): whole blocks for fixed-block
+    plans; for variable ranges, whole `tile` x `tile` tiles (a range's rows padded to the tile, its key
+    spans cut into tile-wide chunks, as the Triton kernel runs them)."""
+    if plan.block_size is not None:
+        bq, bk = plan.block_size
+        return float(plan.kv_counts.double().sum()) * bq * bk
+    from dit_sparse.kernels.triton_prep import key_chunks
+
+    chunks = key_chunks(plan, plan.seq_len_k, tile, False)
+    q_len = (plan.q_offsets[..., 1:] - plan.q_offsets[..., :-1]).double()
+    tiles = torch.ceil(q_len / tile).reshape(-1, plan.num_q_blocks)
+    return float((tiles * chunks.counts.double().sum(-1)).sum()) * tile * tile
+
+
+def _cycle(spec: str) -> int:
+    """Steps of one re-planning cycle of a method spec (its replan_every / classify_every)."""
+    chain, opts = split_method_options(spec)  # options apply to the whole chain ("window3d+skip[tol=0.1]")
+    n = int(opts.get("replan_every", 1))
+    auto_heads = opts.get("pattern", "auto") == "auto" and "head_config" not in opts and "window" not in opts
+    if chain.split("+")[0] == "window3d" and auto_heads:
+        n = max(n, int(opts.get("classify_every", 5)))
+    return max(n, 1)
+
+
+def bench_shape(key: str, methods: list[str], sparsity: float, steps: int, backend: str) -> list[dict]:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dit_sparse.config import SparseConfig, WarmupConfig
+    from dit_sparse.core import SparseAttentionCore
+    from dit_sparse.layout import VideoLayout
+    from dit_sparse.method import build_method
+    from dit_sparse.tracking import StepTracker
+
+    shape = SHAPES[key]
+    layout = VideoLayout(*shape.grid, text_tokens=shape.text, text_first=shape.text_first)
+    sets = [_inputs(shape, seed) for seed in range(2)]
+    B, S, H, D = sets[0][0].shape
+    rows: list[dict] = []
+
+    def dense(i: int) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in sets[i % 2])
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    dense_ms = _time_steps(dense, steps)
+    base = dict(shape=key, B=B, H=H, S=S, D=D, sparsity=sparsity)
+    rows.append(dict(base, method="dense (cuDNN SDPA)", ms=dense_ms, backend="cudnn"))
+    for spec in methods:
+        row = dict(base, method=spec)
+        try:
+            name, opts = split_method_options(spec)
+            method, _ = build_method(name, sparsity, opts)
+            tracker = StepTracker(num_steps=10_000)
+            tracker.layout = layout
+            core = SparseAttentionCore(SparseConfig(name, sparsity, WarmupConfig(0, 0), None), method, tracker, 1,
+                                       backend=backend)
+            state = {"t": 1e6}
+
+            def call(i: int, core=core, tracker=tracker, state=state) -> torch.Tensor:
+                state["t"] -= 1.0  # a new denoising step: the tracker advances, caches see a new step
+                tracker.begin_forward(state["t"], "cond", None, None)
+                q, k, v = sets[i % 2]
+                return core.attend(q, k, v, layer=0, layer_name="blocks.0.attn1", dense_fn=lambda: dense(i),
+                                   text_first=shape.text_first if shape.text else None)
+
+            cycle = _cycle(spec)
+            n = cycle * max(1, math.ceil(steps / cycle))
+            for i in range(2 * cycle):  # cold start: compile, first plans, warm k-means
+                call(i)
+            core.stats.reset()
+            row["ms"] = _time_steps(call, n)
+            row["timed_steps"] = n
+            row["replan_cycle"] = cycle
+            row["achieved_sparsity"] = round(core.stats.summary()["sparsity_in_sparse_calls"], 4)
+            row["fallback_calls"] = core.stats.fallback_calls
+            # The plan and backend of the last call, for the tile efficiency.
+            q, k, v = (t.transpose(1, 2) for t in sets[0])
+            ctx = tracker.context(0, "blocks.0.attn1", 1, sparsity, layout)
+            plan = method.plan(q, k, v, ctx)
+            from dit_sparse.kernels import select_backend
+
+            chosen, _ = select_backend(q, plan, backend, method.wants_tile_stats)
+            row["backend"] = chosen or "dense fallback"
+            selected = float(plan.pair_counts().double().sum())
+            row["tile_efficiency"] = round(selected / max(kernel_pairs(plan), 1.0), 3)
+            # Planning alone on fresh inputs (new step each time: no plan reuse).
+            if name in ("semantic", "pooled"):
+                fresh = {"t": 0}
+
+                def plan_only(i: int, method=method, tracker=tracker, fresh=fresh) -> None:
+                    fresh["t"] += 1
+                    c = tracker.context(0, "blocks.0.attn1", 1, sparsity, layout)
+                    c.step = 10**6 + fresh["t"] * 1000  # every call a new step: always re-plans
+                    qq, kk, vv = (t.transpose(1, 2) for t in sets[i % 2])
+                    method.plan(qq, kk, vv, c)
+
+                row["plan_ms"] = _time_steps(plan_only, steps)
+            row["sync_free"] = sync_free(core, lambda: call(10**6))
+        except Exception as exc:  # one failing method must not hide the others
+            row["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        rows.append(row)
+        torch.cuda.empty_cache()
+    for r in rows:
+        r["dense_ms"] = dense_ms
+        if r.get("ms"):
+            r["speedup"] = round(dense_ms / r["ms"], 3)
+    return rows
+
+
+def sync_free(core, fn) -> str:
+    """'yes' when every attention call `core` makes while `fn` runs passes under
+    `torch.cuda.set_sync_debug_mode("error")`, else the first error a host synchronisation raised.
+
+    Only the attention calls are checked: the one marked sync of a sparse forward (the step tracker
+    reading the timestep, once per forward) and the model's own code are outside them.
+    """
+    inner = core.attend
+
+    def checked(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    torch.cuda.synchronize()
+    core.attend = checked
+    try:
+        fn()
+        return "yes"
+    except RuntimeError as exc:
+        return f"no: {str(exc).splitlines()[0][:160]}"
+    finally:
+        del core.attend  # the instance attribute shadowed the method
+        torch.cuda.synchronize()
+
+
+def _time_steps(fn, n: int) -> float:
+    """Mean ms per call over `n` consecutive calls, timed as one block with CUDA events (after 2 warm-ups)."""
+    fn(0)
+    fn(1)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(n):
+        fn(i)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def print_table(rows: list[dict], device: str) -> None:
+    print(f"\ndevice: {device}; one sparse self-attention call (planning included, mean over whole re-planning"
+          " cycles), bf16")
+    hdr = (f"{'shape':<17} {'method':<30} {'backend':<9} {'achvd':>6} {'ms':>8} {'speedup':>7} {'plan ms':>8} "
+           f"{'tile eff':>8} {'sync-free':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        f = lambda key, fmt, r=r: format(r[key], fmt) if r.get(key) is not None else "-"
+        sync = r.get("sync_free", "-")
+        print(f"{r['shape']:<17} {r['method']:<30} {r.get('backend', '-'):<9} {f('achieved_sparsity', '6.3f'):>6} "
+              f"{f('ms', '8.3f'):>8} {f('speedup', '7.2f'):>7} {f('plan_ms', '8.3f'):>8} "
+              f"{f('tile_efficiency', '8.3f'):>8} {sync[:9]:>9}")
+        if r.get("error"):
+            print(f"    error: {r['error']}")
+        if sync.startswith("no"):
+            print(f"    sync: {sync}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dit-sparse bench call", description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="wan1.3b-480p,cogvideox-5b-cfg", help=f"comma list of {list(SHAPES)}")
+    p.add_argument("--methods", default=METHODS, help="method specs, options in brackets")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per method (rounded up to whole cycles)")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/call-<gpu>.json)")
+    ns = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("dit-sparse bench call: needs a CUDA GPU; none is available here")
+        return 2
+    device = torch.cuda.get_device_name()
+    rows: list[dict] = []
+    for key in ns.shapes.split(","):
+        if key not in SHAPES:
+            print(f"unknown shape {key!r}; choose from {list(SHAPES)}")
+            return 2
+        rows += bench_shape(key, split_method_list(ns.methods), ns.sparsity, ns.steps, ns.backend)
+        print(json.dumps(rows[-1]), flush=True)
+    from dit_sparse.kernels import auto_order
+
+    out = ns.out or os.path.join("benchmarks", f"call-{device.replace(' ', '_')}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"device": device, "torch": torch.__version__, "auto_order": auto_order(), "rows": rows}, f,
+                  indent=1)
+    print_table(rows, device)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

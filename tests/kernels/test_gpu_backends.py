@@ -1,0 +1,134 @@
+"""Every GPU backend against a float32 reference, and warm sparse calls free of host syncs (CUDA only).
+
+Skipped without a GPU (CI is CPU-only: the Triton kernel is covered there under TRITON_INTERPRET=1); run
+on a GPU machine with `python -m pytest -q tests/kernels/test_gpu_backends.py`.
+"""
+
+import math
+
+import pytest
+import torch
+from dit_sparse.kernels import (
+    available_backends,
+    block_sparse_attention,
+    fa4_backend,
+    reference_block_sparse_attention,
+)
+
+from dit_sparse.plan import BlockPlan
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _backends():
+    names = [n for n in ("triton", "flex", "fa4") if n in available_backends()]
+    if torch.cuda.is_available() and not fa4_backend.installed():
+        names.remove("fa4")
+    return names
+
+
+def _plan(B, H, S, block, density, perm, seed, empty_row=True):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    nb = math.ceil(S / block)
+    mask = torch.rand(B, H, nb, nb, device="cuda", generator=g) < density
+    if empty_row:
+        mask[0, 0, 1] = False  # a query block that attends nothing: output 0
+    q_perm = k_perm = None
+    if perm == "shared":  # one order for every head (window3d)
+        q_perm = k_perm = torch.randperm(S, device="cuda", generator=g).expand(B, H, S)
+    elif perm == "per-head":  # one order per (batch, head), different for q and k (semantic)
+        q_perm = torch.stack([torch.randperm(S, device="cuda", generator=g) for _ in range(B * H)]).view(B, H, S)
+        k_perm = torch.stack([torch.randperm(S, device="cuda", generator=g) for _ in range(B * H)]).view(B, H, S)
+    return BlockPlan.from_block_mask(mask, block, S, q_perm=q_perm, k_perm=k_perm)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("perm", ["none", "shared", "per-head"])
+@pytest.mark.parametrize("block", [64, 128])
+def test_backend_matches_float32_reference(backend, D, perm, block):
+    if backend == "flex" and block != 128:
+        pytest.skip("the flex backend takes 128-token blocks")
+    B, H, S = 2, 3, 1000 + 37  # odd length: padded tail block
+    g = torch.Generator(device="cuda").manual_seed(D + block)
+    # Diffusers hands over [B, S, H, D]; the processors pass [B, H, S, D] views of it.
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    plan = _plan(B, H, S, block, 0.3, perm, seed=D)
+    got = block_sparse_attention(q, k, v, plan, return_lse=True, backend=backend)
+    ref = reference_block_sparse_attention(q.float(), k.float(), v.float(), plan, return_lse=True)
+    err = (got.out.float() - ref.out).abs().max().item()
+    assert err < 2e-2, f"{backend}: max abs error {err}"
+    rel = ((got.out.float() - ref.out).norm() / ref.out.norm()).item()
+    assert rel < 1e-2
+    empty = torch.arange(block, 2 * block, device="cuda")
+    assert got.out[0, 0, plan.q_perm[0, 0, empty] if plan.q_perm is not None else empty].abs().max() == 0
+    live = torch.isfinite(ref.lse)
+    assert torch.allclose(got.lse[live], ref.lse[live], atol=2e-2)
+
+
+def test_auto_prefers_flash_attn_4_for_fixed_blocks_and_triton_for_ranges_and_statistics():
+    from dit_sparse.kernels import select_backend
+
+    q = torch.randn(1, 2, 512, 128, device="cuda", dtype=torch.bfloat16)
+    fixed = _plan(1, 2, 512, 128, 0.5, "none", 0)
+    want = "fa4" if fa4_backend.installed() and torch.cuda.get_device_capability()[0] in (9, 10) else "triton"
+    assert select_backend(q, fixed)[0] == want
+    assert select_backend(q, fixed, tile_stats=True)[0] == "triton"
+    off = torch.tensor([0, 100, 300, 512], dtype=torch.int32, device="cuda").expand(1, 2, -1)
+    ranges = BlockPlan.from_range_mask(torch.ones(1, 2, 3, 3, dtype=torch.bool, device="cuda"), off, off)
+    assert select_backend(q, ranges)[0] == "triton"
+    # float32 on the GPU: no fast kernel; the core then runs the model's own dense attention.
+    name, why = select_backend(q.float(), fixed)
+    assert name == "" and "dtype" in why
+
+
+def test_float32_cuda_inputs_run_the_models_dense_attention_with_one_warning():
+    from dit_sparse.config import SparseConfig, WarmupConfig
+    from dit_sparse.core import SparseAttentionCore
+    from dit_sparse.method import build_method
+    from dit_sparse.tracking import StepTracker
+
+    method, _ = build_method("pooled", 0.9, {})
+    core = SparseAttentionCore(SparseConfig("pooled", 0.9, WarmupConfig(0, 0), None), method, StepTracker(10), 1)
+    q, k, v = (torch.randn(1, 1024, 2, 64, device="cuda") for _ in range(3))
+    sentinel = torch.full_like(q, 7.0)
+    with pytest.warns(UserWarning, match="no fast kernel"):
+        out = core.attend(q, k, v, layer=0, layer_name="a", dense_fn=lambda: sentinel)
+    assert out is sentinel and core.stats.fallback_calls == 1
+
+
+@pytest.mark.parametrize("spec", ["full", "window3d", "window3d[block=128]", "semantic", "semantic[layout=clusters]",
+                                  "pooled", "window3d+skip"])
+def test_warm_sparse_calls_do_not_synchronise(spec):
+    from dit_sparse.config import SparseConfig, WarmupConfig
+    from dit_sparse.core import SparseAttentionCore
+    from dit_sparse.layout import VideoLayout
+    from dit_sparse.method import build_method, split_method_options
+    from dit_sparse.tracking import StepTracker
+
+    name, opts = split_method_options(spec)
+    method, _ = build_method(name, 0.9, opts)
+    tracker = StepTracker(num_steps=1000)
+    tracker.layout = VideoLayout(5, 30, 52)
+    core = SparseAttentionCore(SparseConfig(name, 0.9, WarmupConfig(0, 0), None), method, tracker, 1)
+    S = tracker.layout.seq_len
+    q, k, v = (torch.randn(1, S, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    t = [1000.0]
+
+    def call():
+        t[0] -= 1.0
+        tracker.begin_forward(t[0], "cond", None, None)
+        return core.attend(q, k, v, layer=0, layer_name="l0", dense_fn=lambda: None)
+
+    for _ in range(6):  # first calls of a shape may sync (tilings, compilation, cached indices)
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(6):  # a whole re-classification cycle of window3d's online choice
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert core.stats.fallback_calls == 0
