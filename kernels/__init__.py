@@ -4,7 +4,7 @@
 backend: Triton on CUDA GPUs, the pure-PyTorch reference elsewhere.
 """
 
-from .dispatch import Backend, available_backends, block_sparse_attention, register_backend
+from .dispatch import Backend, available_backends, block_sparse_attention, check_backend, register_backend
 from .reference import reference_block_sparse_attention
 from .result import AttentionResult
 
@@ -18,6 +18,7 @@ __all__ = [
     "Backend",
     "available_backends",
     "block_sparse_attention",
+    "check_backend",
     "reference_block_sparse_attention",
     "register_backend",
 ]

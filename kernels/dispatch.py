@@ -24,6 +24,9 @@ class Backend:
     name: str
     run: Callable[..., AttentionResult]
     supports: Callable[[torch.Tensor, BlockPlan], str | None]  # None if supported, else the reason
+    # The part of `supports` that needs no tensor (device, dtype or None when not known yet): lets callers
+    # such as the CLI reject e.g. `--backend triton --device cpu` before loading a model.
+    supports_setting: Callable[[torch.device, torch.dtype | None], str | None] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -39,7 +42,27 @@ def register_backend(backend: Backend, auto: bool = True) -> None:
 
 
 def available_backends() -> list[str]:
+    """Names accepted by `backend=` besides "auto": the reference executor and every registered one."""
     return ["reference", *_BACKENDS]
+
+
+def check_backend(backend: str, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> str:
+    """Return `backend` if it names a known executor that can run on `device` in `dtype`, else raise
+    ValueError saying what is available. Device and dtype are checked only when given ("auto" and
+    "reference" run anywhere: "auto" falls back to the reference)."""
+    if backend in ("auto", "reference"):
+        return backend
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {['auto', *available_backends()]}")
+    check = _BACKENDS[backend].supports_setting
+    if device is not None and check is not None:
+        reason = check(torch.device(device), dtype)
+        if reason is not None:
+            where = f"{torch.device(device)}" + (f" in {str(dtype).removeprefix('torch.')}" if dtype else "")
+            raise ValueError(f"backend {backend!r} cannot run on {where}: {reason}; "
+                             f"use backend 'auto' (falls back to the reference) or 'reference'")
+    return backend
 
 
 def _warn_once(reason: str) -> None:
@@ -72,11 +95,9 @@ def block_sparse_attention(
     if plan.seq_len_q != q.shape[2] or plan.seq_len_k != k.shape[2]:
         raise ValueError(f"plan covers {plan.seq_len_q}x{plan.seq_len_k} tokens, inputs {q.shape[2]}x{k.shape[2]}")
     kwargs = dict(scale=scale, return_lse=return_lse, return_tile_stats=return_tile_stats)
-    if backend == "reference":
+    if check_backend(backend) == "reference":
         return reference_block_sparse_attention(q, k, v, plan, **kwargs)
     if backend != "auto":
-        if backend not in _BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
         chosen = _BACKENDS[backend]
         reason = chosen.supports(q, plan)
         if reason is not None:
