@@ -111,12 +111,15 @@ def apply(
     Returns:
         A `SparseHandle`; `handle.remove()` or `dit_sparse.remove(target)` restores the originals.
     """
+    from dit_sparse.kernels import check_backend
     from dit_sparse.pipelines.adapters import get_adapter
 
     transformer = _transformer_of(target)
     if getattr(transformer, _HANDLE_ATTR, None) is not None:
         raise ConfigError("dit-sparse is already applied to this transformer; call dit_sparse.remove() first")
     check_sparsity(sparsity)
+    # A misspelt backend would otherwise surface only at the first sparse attention call, mid-generation.
+    check_backend(backend)
     adapter = get_adapter(transformer)
     warmup = WarmupConfig(steps=warmup_steps, layers=warmup_layers)
     method_obj, _ = build_method(method, float(sparsity), options)

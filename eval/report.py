@@ -40,7 +40,7 @@ import numpy as np
 
 from .metrics import Unavailable
 
-__all__ = ["write_report", "OutputDirError", "METRIC_CONVENTIONS"]
+__all__ = ["write_report", "ensure_writable", "OutputDirError", "METRIC_CONVENTIONS"]
 
 METRIC_CONVENTIONS = [
     "Every sparse video is compared with the dense video generated from the same prompt, seed and "
@@ -197,7 +197,9 @@ def _jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------- validation
 
 
-def _ensure_writable(out_dir: str | os.PathLike) -> Path:
+def ensure_writable(out_dir: str | os.PathLike) -> Path:
+    """Create the report folder `out_dir` if needed and check a file can be written in it; returns it as a
+    Path, else raises OutputDirError saying what to do."""
     p = Path(out_dir).expanduser()
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -486,7 +488,7 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[st
     malformed ``results`` (see the module docstring for its layout).
     """
     _validate(results)
-    out = _ensure_writable(out_dir)
+    out = ensure_writable(out_dir)
     meta = results.get("meta", {}) or {}
     rows = [_flat_row(r) for r in results["rows"]]
     _fill_speedup(rows)

@@ -10,6 +10,7 @@ from .dispatch import (
     auto_order,
     available_backends,
     block_sparse_attention,
+    check_backend,
     register_backend,
     select_backend,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "auto_order",
     "available_backends",
     "block_sparse_attention",
+    "check_backend",
     "reference_block_sparse_attention",
     "register_backend",
     "select_backend",

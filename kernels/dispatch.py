@@ -28,6 +28,9 @@ class Backend:
     run: Callable[..., AttentionResult]
     supports: Callable[[torch.Tensor, BlockPlan], str | None]  # None if supported, else the reason
     tile_stats: bool = False  # computes AttentionResult.tile_max (needed by "skip")
+    # The part of `supports` that needs no tensor (device, dtype or None when not known yet): lets callers
+    # such as the CLI reject e.g. `--backend triton --device cpu` before loading a model.
+    supports_setting: Callable[[torch.device, torch.dtype | None], str | None] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -58,9 +61,7 @@ def select_backend(q: torch.Tensor, plan: BlockPlan, backend: str = "auto",
     if backend == "reference":
         return "reference", None
     if backend != "auto":
-        if backend not in _BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
-        chosen = _BACKENDS[backend]
+        chosen = _BACKENDS[check_backend(backend)]
         reason = chosen.supports(q, plan)
         if reason is None and tile_stats and not chosen.tile_stats:
             reason = "it computes no tile statistics (needed by 'skip'); use backend='triton'"
@@ -82,7 +83,27 @@ def select_backend(q: torch.Tensor, plan: BlockPlan, backend: str = "auto",
 
 
 def available_backends() -> list[str]:
+    """Names accepted by `backend=` besides "auto": the reference executor and every registered one."""
     return ["reference", *_BACKENDS]
+
+
+def check_backend(backend: str, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> str:
+    """Return `backend` if it names a known executor that can run on `device` in `dtype`, else raise
+    ValueError saying what is available. Device and dtype are checked only when given ("auto" and
+    "reference" run anywhere: "auto" falls back to the reference)."""
+    if backend in ("auto", "reference"):
+        return backend
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {['auto', *available_backends()]}")
+    check = _BACKENDS[backend].supports_setting
+    if device is not None and check is not None:
+        reason = check(torch.device(device), dtype)
+        if reason is not None:
+            where = f"{torch.device(device)}" + (f" in {str(dtype).removeprefix('torch.')}" if dtype else "")
+            raise ValueError(f"backend {backend!r} cannot run on {where}: {reason}; "
+                             f"use backend 'auto' (falls back to the reference) or 'reference'")
+    return backend
 
 
 def _warn_once(reason: str) -> None:

@@ -46,12 +46,20 @@ def installed() -> bool:
     return True
 
 
+def supports_setting(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """The part of `supports` known before any tensor exists (device, dtype if known)."""
+    if device.type != "cuda":
+        return "flash-attn-4 needs CUDA tensors"
+    if dtype is not None and dtype not in _DTYPES:
+        return f"dtype {dtype} is not supported by flash-attn-4 here (bfloat16 or float16)"
+    return None
+
+
 def supports(q: Tensor, plan: BlockPlan) -> str | None:
     """None if flash-attn-4 can run these inputs, else the reason it cannot."""
-    if not q.is_cuda:
-        return "flash-attn-4 needs CUDA tensors"
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} is not supported by flash-attn-4 here (bfloat16 or float16)"
+    reason = supports_setting(q.device, q.dtype)
+    if reason is not None:
+        return reason
     if q.shape[-1] not in _HEAD_DIMS:
         return f"head dim {q.shape[-1]} is not supported by the flash-attn-4 backend (64 or 128)"
     if plan.block_size is None:
@@ -156,4 +164,5 @@ def fa4_block_sparse_attention(
     return AttentionResult(out=out, lse=lse if return_lse else None)
 
 
-register_backend(Backend(name="fa4", run=fa4_block_sparse_attention, supports=supports), auto=True, first=True)
+register_backend(Backend(name="fa4", run=fa4_block_sparse_attention, supports=supports,
+                         supports_setting=supports_setting), auto=True, first=True)

@@ -81,12 +81,20 @@ DEFAULT_GATHER = "kernel"
 USE_TMA = os.environ.get("DIT_SPARSE_TRITON_TMA", "1") == "1"
 
 
+def supports_setting(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """None if the Triton kernel can run on `device` in `dtype` (None: not known yet), else the reason."""
+    if device.type != "cuda" and not _INTERPRET:
+        return "inputs are not on a CUDA device (set TRITON_INTERPRET=1 to run the kernel on CPU)"
+    if device.type == "cuda" and dtype is not None and dtype not in _GPU_DTYPES:
+        return f"dtype {dtype} is not supported (use bfloat16 or float16)"
+    return None
+
+
 def supports(q: Tensor, plan: BlockPlan) -> str | None:
     """None if the Triton kernel can run these inputs, else the reason it cannot."""
-    if not q.is_cuda and not _INTERPRET:
-        return "inputs are not on a CUDA device (set TRITON_INTERPRET=1 to run the kernel on CPU)"
-    if q.is_cuda and q.dtype not in _GPU_DTYPES:
-        return f"dtype {q.dtype} is not supported (use bfloat16 or float16)"
+    reason = supports_setting(q.device, q.dtype)
+    if reason is not None:
+        return reason
     if q.shape[-1] not in _HEAD_DIMS:
         return f"head dim {q.shape[-1]} is not supported (64 or 128)"
     if plan.num_q_blocks == 0 or plan.num_k_blocks == 0:
@@ -266,7 +274,8 @@ def triton_block_sparse_attention(
     return _launch(q, k, v, plan, scale, cfg, *flags, use_tma=USE_TMA)
 
 
-register_backend(Backend(name="triton", run=triton_block_sparse_attention, supports=supports, tile_stats=True))
+register_backend(Backend(name="triton", run=triton_block_sparse_attention, supports=supports,
+                         supports_setting=supports_setting, tile_stats=True))
 
 try:  # FlexAttention on fixed-block plans, selectable by name (not chosen by "auto").
     from . import triton_flex  # noqa: F401

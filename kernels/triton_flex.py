@@ -52,11 +52,20 @@ def flex_block_mask(plan: BlockPlan, seq_len_q: int, seq_len_k: int):
         return BlockMask.from_kv_blocks(zeros, torch.zeros_like(idx), **kwargs)
 
 
-def supports(q: Tensor, plan: BlockPlan) -> str | None:
-    if not q.is_cuda:
+def supports_setting(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """None if FlexAttention can run on `device` in `dtype` (None: not known yet), else the reason."""
+    if device.type != "cuda":
         return "FlexAttention backend needs CUDA tensors"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} is not supported (bfloat16 or float16)"
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} is not supported (bfloat16 or float16)"
+    return None
+
+
+def supports(q: Tensor, plan: BlockPlan) -> str | None:
+    """None if FlexAttention can run `plan` on these inputs, else the reason it cannot."""
+    reason = supports_setting(q.device, q.dtype)
+    if reason is not None:
+        return reason
     if plan.block_size is None:
         return "FlexAttention needs fixed-size blocks (plan.block_size is None)"
     if any(b % 128 for b in plan.block_size):
@@ -95,4 +104,5 @@ def flex_block_sparse_attention(
     return AttentionResult(out=out, lse=lse.float() if return_lse else None)
 
 
-register_backend(Backend(name="flex", run=flex_block_sparse_attention, supports=supports), auto=False)
+register_backend(Backend(name="flex", run=flex_block_sparse_attention, supports=supports,
+                         supports_setting=supports_setting), auto=False)

@@ -10,20 +10,18 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import dit_sparse
 from dit_sparse.config import ConfigError, check_sparsity
 from dit_sparse.method import split_method_list, split_method_options
 
 from .adapters import UnsupportedModelError
 from .loading import BUNDLED, ModelLoadError, load_model, resolve_device
-from .runner import RunSettings, parse_options, timed_generation
+from .runner import RunSettings, check_applies, check_run, parse_options, timed_generation
 
 FRAME_INDICES = 4  # frames shown side by side in the report
 
@@ -66,6 +64,17 @@ def _prompt_set(ns: argparse.Namespace) -> tuple[list[str], list[Any] | None]:
     return spec_prompts(sub), clip_truths(sub)
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; ConfigError naming `flag` unless it is a non-empty comma list of integers."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise ConfigError(f"{flag} must be a comma list of integers such as 0,1,2; got {text!r}")
+    return values
+
+
 def _mean(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return float(np.mean(xs)) if xs else None
@@ -98,33 +107,47 @@ def _aggregate(per: dict, truths: list | None) -> list[dict[str, Any]]:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from dit_sparse.eval.metrics import lpips_distance, psnr, ssim
-    from dit_sparse.eval.report import OutputDirError, write_report
+    """Run `dit-sparse eval`; returns the exit code (2 with a one-line error for bad arguments)."""
+    from dit_sparse.eval.metrics import Unavailable, find_lpips_backbone, lpips_distance, psnr, ssim
+    from dit_sparse.eval.report import OutputDirError, ensure_writable, write_report
     from dit_sparse.eval.vbench_style import video_metrics
 
     try:
+        # Every argument is checked before the model loads: a mistake must not cost an evaluation.
         sparsities = [check_sparsity(s) for s in ns.sparsities.split(",") if s]
+        if not sparsities:
+            raise ConfigError(f"--sparsities needs at least one value in [0, 1), got {ns.sparsities!r}")
         methods = [m for m in split_method_list(ns.methods) if m != "dense"]  # dense always runs
-        for m in methods:
-            name, opts = split_method_options(m)
-            dit_sparse.method.build_method(name, 0.5, {**dict(parse_options(ns.opt)), **opts})
-        seeds = [int(s) for s in ns.seeds.split(",") if s]
-        out = Path(ns.out)
-        out.mkdir(parents=True, exist_ok=True)
+        seeds = _int_list(ns.seeds, "--seeds")
+        if ns.prompts < 1:
+            raise ConfigError(f"--prompts must be >= 1, got {ns.prompts}")
+        settings = RunSettings(steps=ns.steps, warmup_steps=ns.warmup, warmup_layers=ns.warmup_layers,
+                               backend=ns.backend, options=parse_options(ns.opt))
         device = resolve_device(ns.device)
         dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
+        # "full" ignores the sparsity target (e.g. "full+skip" = skip caching alone): run it once.
+        configs = [("dense", 0.0)] + [(m, s) for m in methods
+                                      for s in (sparsities[:1] if split_method_options(m)[0].split("+")[0] == "full"
+                                                else sparsities)]
+        for m, s in configs:
+            check_run(m, s, settings, device, dtype)
+        if ns.lpips_weights is not None:  # an explicit path that is wrong is a mistake, not "unavailable"
+            found = find_lpips_backbone(lpips_weights=ns.lpips_weights)
+            if isinstance(found, Unavailable):
+                raise ConfigError(f"--lpips-weights: {found.reason}; {found.how_to_fix}")
+        try:
+            out = ensure_writable(ns.out)
+        except OutputDirError as exc:
+            raise OutputDirError(f"--out: {exc}") from exc
         loaded = load_model(ns.model, device, dtype)
+        for m, s in configs:
+            check_applies(loaded, m, s, settings)
     except (ConfigError, ModelLoadError, UnsupportedModelError, OSError, ValueError) as exc:
         print(f"dit-sparse eval: error: {exc}", file=sys.stderr)
         return 2
     if hasattr(loaded.pipe, "set_progress_bar_config"):
         loaded.pipe.set_progress_bar_config(disable=True)
     prompts, truths = _prompt_set(ns)
-    settings = RunSettings(steps=ns.steps, warmup_steps=ns.warmup, warmup_layers=ns.warmup_layers,
-                           backend=ns.backend, options=parse_options(ns.opt))
-    # "full" ignores the sparsity target (e.g. "full+skip" = skip caching alone): run it once.
-    configs = [("dense", 0.0)] + [(m, s) for m in methods
-                                  for s in (sparsities[:1] if split_method_options(m)[0].split("+")[0] == "full" else sparsities)]
     videos = [(i, p, seed) for i, p in enumerate(prompts) for seed in seeds]
     per: dict[tuple[str, float], list[dict[str, Any]]] = {c: [] for c in configs}
     dense_frames: dict[tuple[int, int], np.ndarray] = {}

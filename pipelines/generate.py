@@ -11,14 +11,13 @@ from pathlib import Path
 import torch
 
 import dit_sparse
-from dit_sparse.config import ConfigError, check_sparsity
-from dit_sparse.method import split_method_options
+from dit_sparse.config import ConfigError
 from dit_sparse.parallel import enable_ulysses, init_distributed
 
 from .adapters import UnsupportedModelError
 from .loading import BUNDLED, ModelLoadError, load_model, resolve_device
-from .runner import RunSettings, parse_options, timed_generation
-from .video_io import OutputPathError, check_writable, write_video
+from .runner import RunSettings, check_applies, check_run, parse_options, timed_generation
+from .video_io import VIDEO_EXTENSIONS, OutputPathError, check_video_path, write_video
 
 DEFAULT_PROMPT = "a red disc moves right and a blue square moves up on a striped background"
 
@@ -26,7 +25,8 @@ DEFAULT_PROMPT = "a red disc moves right and a blue square moves up on a striped
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=BUNDLED,
                    help="'bundled' (default: the trained reference video DiT in assets/), 'tiny' (random "
-                        "weights, code-path check only), a local pipeline folder or a Hub id")
+                        "weights, code-path check only), a local pipeline folder (a Diffusers one, or one "
+                        "written by `dit-sparse train-reference --out`) or a Hub id")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--method", default="semantic", help=f"one of {dit_sparse.available_methods()} or 'a+b'")
     p.add_argument("--sparsity", type=float, default=0.9, help="fraction of query-key pairs skipped, in [0, 1)")
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=float, default=0.2, help="dense warm-up: fraction (<1) or count of steps")
     p.add_argument("--warmup-layers", type=int, default=1)
-    p.add_argument("--out", default="out/video.mp4", help="output video (.mp4, or .gif)")
+    p.add_argument("--out", default="out/video.mp4", help=f"output video ({' or '.join(VIDEO_EXTENSIONS)})")
     p.add_argument("--compare-dense", action="store_true", help="also run dense; print PSNR/SSIM and speed-up")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -51,30 +51,30 @@ def _fmt_s(x: float | None) -> str:
 
 
 def run(ns: argparse.Namespace) -> int:
+    """Run `dit-sparse generate`; returns the exit code (2 with a one-line error for bad arguments)."""
     rank = 0
     try:
-        check_sparsity(ns.sparsity)
-        if ns.steps < 1:
-            raise ConfigError(f"--steps must be >= 1, got {ns.steps}")
+        # Every argument is checked before the model loads: a mistake must not cost a generation.
         if ns.cp < 1:
             raise ConfigError(f"--cp must be >= 1, got {ns.cp}")
-        out_path = check_writable(ns.out)
+        out_path = check_video_path(ns.out)
+        settings = RunSettings(steps=ns.steps, warmup_steps=ns.warmup, warmup_layers=ns.warmup_layers,
+                               backend=ns.backend, options=parse_options(ns.opt))
         device = resolve_device(ns.device)
+        dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
+        check_run(ns.method, ns.sparsity, settings, device, dtype)
         if ns.cp > 1:
             rank, world, device = init_distributed(device)
             if world != ns.cp:
                 raise ConfigError(f"--cp {ns.cp} needs exactly {ns.cp} processes, torchrun started {world}: "
                                   f"use `torchrun --nproc-per-node {ns.cp}`")
-        dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
-        # validate the method name and its options before loading anything
-        name, opts = split_method_options(ns.method)
-        dit_sparse.method.build_method(name, ns.sparsity, {**dict(parse_options(ns.opt)), **opts})
         loaded = load_model(ns.model, device, dtype)
         if ns.cp > 1:
             try:
                 enable_ulysses(loaded.pipe.transformer, ns.cp)
             except ValueError as exc:  # e.g. heads not divisible, or a backend without context parallelism
                 raise ConfigError(f"cannot run {ns.model} with --cp {ns.cp}: {exc}") from exc
+        check_applies(loaded, ns.method, ns.sparsity, settings)
     except (ConfigError, ModelLoadError, OutputPathError, UnsupportedModelError, ValueError) as exc:
         print(f"dit-sparse generate: error: {exc}", file=sys.stderr)
         _stop_distributed(ns)
@@ -85,7 +85,7 @@ def run(ns: argparse.Namespace) -> int:
     quiet = contextlib.redirect_stdout(io.StringIO()) if rank else contextlib.nullcontext()
     try:
         with quiet:
-            return _generate(ns, loaded, device, out_path, write=rank == 0)
+            return _generate(ns, loaded, device, out_path, settings, write=rank == 0)
     finally:
         _stop_distributed(ns)
 
@@ -95,14 +95,13 @@ def _stop_distributed(ns: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _generate(ns: argparse.Namespace, loaded, device: torch.device, out_path, write: bool) -> int:
+def _generate(ns: argparse.Namespace, loaded, device: torch.device, out_path, settings: RunSettings,
+              write: bool) -> int:
     print(f"model: {loaded.name} - {loaded.description}")
     print(f"device: {device}  method: {ns.method}  sparsity: {ns.sparsity}  steps: {ns.steps}  seed: {ns.seed}"
           + (f"  context parallel: Ulysses x{ns.cp} (rank 0 of {ns.cp} reports its own heads' sparsity)"
              if ns.cp > 1 else ""))
 
-    settings = RunSettings(steps=ns.steps, warmup_steps=ns.warmup, warmup_layers=ns.warmup_layers,
-                           backend=ns.backend, options=parse_options(ns.opt))
     dense = None
     if ns.compare_dense:
         dense = timed_generation(loaded, ns.prompt, ns.seed, device, "dense", 0.0, settings)

@@ -1,7 +1,9 @@
-"""Loading the pipeline `dit-sparse generate` runs: the bundled model, a tiny test model, or a Hub model."""
+"""Loading the pipeline `dit-sparse generate` runs: the bundled model, a tiny test model, a saved reference
+model, or a Diffusers pipeline (local folder or Hub id)."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +37,19 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device for `--device` ("auto": CUDA when available, else CPU); ModelLoadError when the
+    name is not a device or names a GPU this machine does not have."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:  # torch lists every device type it knows: too long to be useful here
+        raise ModelLoadError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"--device {device} asked for a GPU but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
     return dev
 
 
@@ -57,35 +67,69 @@ def _frames_to_numpy(frames: Any) -> np.ndarray:
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load `model`: "bundled" (default), "tiny", a local pipeline folder or a Hugging Face Hub id."""
+    """Load `model`: "bundled" (default), "tiny", a local pipeline folder or a Hugging Face Hub id.
+
+    A local folder whose model_index.json names our `ReferenceVideoPipeline` (what `dit-sparse
+    train-reference --out <folder>` writes) loads like the bundled model; other folders go to Diffusers.
+    """
     if model == BUNDLED:
         return _load_bundled(device, dtype)
     if model == TINY:
         return _load_tiny(device)
+    if is_reference_folder(model):
+        return _load_reference(Path(model), device, dtype, f"reference video DiT from {model}",
+                               f"reference model (ReferenceVideoPipeline) at {model}")
     return _load_diffusers(model, device, dtype)
+
+
+def pipeline_class_name(folder: str | Path) -> str | None:
+    """The `_class_name` in `folder`/model_index.json, or None when there is no readable index."""
+    index = Path(folder) / "model_index.json"
+    try:
+        return json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):  # missing, unreadable, not JSON, or not a JSON object
+        return None
+
+
+def is_reference_folder(folder: str | Path) -> bool:
+    """True when `folder` holds a saved `ReferenceVideoPipeline` (our class, unknown to Diffusers'
+    DiffusionPipeline.from_pretrained, which looks pipeline classes up in the diffusers module)."""
+    name = pipeline_class_name(folder)
+    if name is None:  # no index (e.g. a Hub id): nothing to import
+        return False
+    from .reference_model import ReferenceVideoPipeline
+
+    return name == ReferenceVideoPipeline.__name__
 
 
 def _load_bundled(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
     path = assets_dir() / "reference-video-dit"
-    try:
-        from .reference_model import load_reference_pipeline
-    except ImportError:
-        load_reference_pipeline = None
-    if load_reference_pipeline is None or not path.exists():
+    if not path.exists():
         raise ModelLoadError(
             f"the bundled reference model is missing ({path}); reinstall dit-sparse from a full checkout, "
             f"set DIT_SPARSE_ASSETS to the folder holding reference-video-dit/, or run with --model tiny"
         )
+    return _load_reference(path, device, dtype, "bundled reference video DiT", f"trained reference model at {path}")
+
+
+def _load_reference(path: Path, device: torch.device, dtype: torch.dtype | None, name: str,
+                    description: str) -> LoadedModel:
+    """A saved ReferenceVideoPipeline (bundled or written by train-reference), called like the bundled one."""
+    from .reference_model import load_reference_pipeline
+
     if dtype is None:  # the GPU kernels run bf16/fp16; the CPU path computes in float32
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    pipe = load_reference_pipeline(path, device=device, dtype=dtype)
+    try:
+        pipe = load_reference_pipeline(path, device=device, dtype=dtype)
+    except FileNotFoundError as exc:  # the message says which files are missing and how to train them
+        raise ModelLoadError(str(exc)) from exc
 
     def call(prompt: str, steps: int, seed: int) -> np.ndarray:
         g = torch.Generator(device="cpu").manual_seed(seed)
         out = pipe(prompt=prompt, num_inference_steps=steps, generator=g, output_type="np")
         return _frames_to_numpy(out.frames)
 
-    return LoadedModel(pipe, "bundled reference video DiT", f"trained reference model at {path}", call)
+    return LoadedModel(pipe, name, description, call)
 
 
 def _load_tiny(device: torch.device) -> LoadedModel:

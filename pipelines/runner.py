@@ -9,9 +9,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from dit_sparse.kernels import check_backend
 
 import dit_sparse
-from dit_sparse.method import split_method_options
+from dit_sparse.config import ConfigError, WarmupConfig, check_sparsity
+from dit_sparse.method import build_method, split_method_options
 
 from .loading import LoadedModel
 
@@ -28,11 +30,51 @@ class RunResult:
 
 @dataclass(frozen=True)
 class RunSettings:
+    """What every generation of a command shares; validated on construction (ConfigError / ValueError)
+    so that the CLI rejects bad values before it loads a model."""
+
     steps: int = 30
     warmup_steps: float = 0.2
     warmup_layers: int = 1
     backend: str = "auto"
     options: tuple[tuple[str, Any], ...] = ()  # method options, e.g. (("tol", 0.05),)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
+        try:
+            WarmupConfig(steps=self.warmup_steps, layers=self.warmup_layers)  # the checks `apply` runs later
+        except ConfigError as exc:  # name the command-line flags the values came from
+            raise ConfigError(f"--warmup / --warmup-layers: {exc}") from exc
+        check_backend(self.backend)
+
+
+def method_options(method: str, settings: RunSettings) -> tuple[str, dict[str, Any]]:
+    """The method name and the options `apply` gets: the spec's bracket options over `--opt` ones
+    (dense takes none: `--opt` is meant for the sparse methods a command compares with it)."""
+    name, opts = split_method_options(method)
+    if name != "dense":
+        opts = {**dict(settings.options), **opts}
+    return name, opts
+
+
+def check_run(method: str, sparsity: float, settings: RunSettings, device: torch.device,
+              dtype: torch.dtype | None) -> None:
+    """Raise ConfigError / ValueError for a method, option, sparsity or backend/device/dtype combination
+    that cannot run, without a model: call it before loading one. (`dtype` None: not known yet.)"""
+    check_sparsity(sparsity)
+    name, opts = method_options(method, settings)
+    build_method(name, sparsity, opts)
+    check_backend(settings.backend, device, dtype)
+
+
+def check_applies(loaded: LoadedModel, method: str, sparsity: float, settings: RunSettings) -> None:
+    """Apply `method` to the loaded model and remove it again: model-dependent checks (supported model,
+    a calibration file's model and layers) fail here, after loading but before any generation."""
+    name, opts = method_options(method, settings)
+    dit_sparse.apply(loaded.pipe, name, sparsity, warmup_steps=settings.warmup_steps,
+                     warmup_layers=settings.warmup_layers, num_steps=settings.steps,
+                     backend=settings.backend, **opts).remove()
 
 
 def parse_options(items: list[str]) -> tuple[tuple[str, Any], ...]:
@@ -61,9 +103,7 @@ def timed_generation(loaded: LoadedModel, prompt: str, seed: int, device: torch.
     autotuning and first-call costs stay out of the timings."""
     from dit_sparse.eval.timing import AttentionTimer
 
-    name, opts = split_method_options(method)
-    if name != "dense":
-        opts = {**dict(settings.options), **opts}
+    name, opts = method_options(method, settings)
     handle = dit_sparse.apply(loaded.pipe, name, sparsity, warmup_steps=settings.warmup_steps,
                               warmup_layers=settings.warmup_layers, num_steps=settings.steps,
                               backend=settings.backend, **opts)

@@ -14,6 +14,21 @@ class OutputPathError(OSError):
     """The output path cannot be written; the message says why and what to do."""
 
 
+VIDEO_EXTENSIONS = (".mp4", ".gif")  # what `write_video` can encode
+
+
+def check_video_path(path: str | Path) -> Path:
+    """Return `path` as a Path if `write_video` can write it (a .mp4 or .gif name in a writable folder),
+    else raise OutputPathError. Meant to run before any generation, so a bad --out costs nothing."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_EXTENSIONS and not path.is_dir():
+        accepted = " or ".join(VIDEO_EXTENSIONS)
+        given = f"extension {path.suffix!r}" if path.suffix else "no extension"
+        raise OutputPathError(f"output video {path} has {given}; use a name ending in {accepted}, "
+                              f"e.g. {path.with_suffix('.mp4')}")
+    return check_writable(path)
+
+
 def check_writable(path: str | Path) -> Path:
     """Return `path` as a Path if its folder exists (or can be created) and is writable, else raise."""
     path = Path(path)
@@ -31,7 +46,7 @@ def check_writable(path: str | Path) -> Path:
 
 def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     """Write [F, H, W, 3] frames in [0, 1] as mp4 (imageio-ffmpeg) or gif; atomically. Returns the path."""
-    path = check_writable(path)
+    path = check_video_path(path)
     data = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
     suffix = path.suffix.lower()
     if suffix == ".mp4":
@@ -51,8 +66,8 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
             imageio.mimsave(tmp, list(data), fps=fps, format="FFMPEG", macro_block_size=1)
         elif suffix == ".gif":
             imageio.mimsave(tmp, list(data), duration=1000 / fps, loop=0)
-        else:
-            raise OutputPathError(f"unsupported video extension {suffix!r}; use .mp4 or .gif")
+        else:  # unreachable: check_video_path accepted only VIDEO_EXTENSIONS
+            raise OutputPathError(f"unsupported video extension {suffix!r}; use {' or '.join(VIDEO_EXTENSIONS)}")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions

@@ -55,6 +55,12 @@ def test_bad_inputs_raise_clear_errors():
         dit_sparse.apply(torch.nn.Linear(2, 2), "full", 0.5)
     with pytest.raises(ConfigError, match="pipeline"):
         dit_sparse.apply(object(), "full", 0.5)
+    # A misspelt backend is refused by apply itself, not at the first attention call of a generation.
+    originals = [b.attn1.processor for b in model.blocks]
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        dit_sparse.apply(model, "full", 0.5, backend="nope")
+    assert [b.attn1.processor for b in model.blocks] == originals
+    assert not hasattr(model, "_dit_sparse_handle")
     handle = dit_sparse.apply(model, "full", 0.5)
     with pytest.raises(ConfigError, match="already applied"):
         dit_sparse.apply(model, "full", 0.5)

@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from dit_sparse.pipelines import evaluate, generate
 from dit_sparse.pipelines.cli import main
 
 
@@ -27,6 +28,78 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_path)
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading a model fails the test: bad arguments must be refused before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(generate, "load_model", refuse)
+    monkeypatch.setattr(evaluate, "load_model", refuse)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "{tmp}/video.txt"], "has extension '.txt'; use a name ending in .mp4 or .gif"),
+    (["--out", "{tmp}/video"], "has no extension; use a name ending in .mp4 or .gif"),
+    (["--out", "{tmp}"], "is a folder"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--warmup-layers", "-1"], "--warmup-layers"),
+    (["--backend", "nope"], "unknown backend 'nope'"),
+    (["--backend", "flex", "--device", "cpu"], "backend 'flex'"),  # GPU only (or unknown without triton)
+    (["--device", "foo"], "--device 'foo' is not a device"),
+    (["--opt", "colour"], "--opt expects KEY=VALUE"),
+    (["--cp", "0"], "--cp must be >= 1"),
+])
+def test_generate_checks_every_argument_before_loading(args, message, tmp_path, capsys, no_model_load):
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "v.mp4")]
+    rc = main(["generate", "--model", "tiny", *args, *out])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and err.startswith("dit-sparse generate: error:") and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "{tmp}/blocker"], "--out: cannot create the report folder"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--warmup", "2.5", "--warmup-layers", "-2"], "--warmup"),
+    (["--backend", "nope"], "unknown backend 'nope'"),
+    (["--seeds", "one"], "--seeds must be a comma list of integers"),
+    (["--prompts", "0"], "--prompts must be >= 1"),
+    (["--sparsities", ","], "--sparsities needs at least one value"),
+    (["--methods", "full,nope"], "unknown method 'nope'"),
+    (["--opt", "colour=red"], "unknown option"),
+    (["--lpips-weights", "{tmp}/no-such-weights.pth"], "--lpips-weights: LPIPS backbone weights not found"),
+])
+def test_eval_checks_every_argument_before_loading(args, message, tmp_path, capsys, no_model_load):
+    (tmp_path / "blocker").write_text("a file where the report folder should go")
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "report")]
+    rc = main(["eval", "--model", "tiny", "--methods", "full", "--sparsities", "0.5", *args, *out])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and err.startswith("dit-sparse eval: error:") and err.count("\n") == 1
+    assert not (tmp_path / "report").exists()
+
+
+def test_model_dependent_checks_run_before_any_generation(tmp_path, capsys, monkeypatch):
+    from dit_sparse.skip_calibration import SkipCalibration
+
+    # A calibration made for another model is only detectable once the model is loaded, but it must
+    # still fail before the dense comparison run, not after it.
+    cal = tmp_path / "flux-skip.json"
+    SkipCalibration(model_class="FluxTransformer2DModel", method="full", tolerances=[0.01], layers={}).save(cal)
+    monkeypatch.setattr(generate, "timed_generation",
+                        lambda *a, **k: pytest.fail("a generation ran before the method was checked on the model"))
+    rc = main(["generate", "--model", "tiny", "--method", "full+skip", "--opt", f"calibration={cal}",
+               "--compare-dense", "--steps", "2", "--out", str(tmp_path / "v.mp4")])
+    assert rc == 2
+    assert "made for FluxTransformer2DModel" in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()
 
 
 def test_unwritable_output_path_fails_before_any_work(tmp_path, capsys):
