@@ -74,14 +74,16 @@ def pattern_errors(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, pattern
     out = torch.empty(B, H, len(patterns), dtype=torch.float32, device=q.device)
     for h0 in range(0, H, chunk):
         hs = slice(h0, min(H, h0 + chunk))
-        qs = q[:, hs].index_select(2, rows).float()
-        vs = v[:, hs].float()
-        logits = torch.matmul(qs, k[:, hs].float().transpose(-1, -2)) * scale  # [B, h, R, S]
-        exact = torch.matmul(torch.softmax(logits, -1), vs)
+        # Products run in the inputs' dtype (float32 accumulation inside the GPU matmul): converting all of
+        # K and V to float32 first would cost more than the whole classification.
+        vs = v[:, hs]
+        qs = q[:, hs].index_select(2, rows)
+        logits = torch.matmul(qs, k[:, hs].transpose(-1, -2)).float() * scale  # [B, h, R, S]
+        exact = torch.matmul(torch.softmax(logits, -1).to(vs.dtype), vs).float()
         norm = exact.square().sum((-1, -2)).clamp_min(torch.finfo(torch.float32).tiny)
         for j in range(len(patterns)):
             masked = torch.softmax(logits.masked_fill(~masks[j], -math.inf), -1)
-            approx = torch.matmul(masked, vs)
+            approx = torch.matmul(masked.to(vs.dtype), vs).float()
             out[:, hs, j] = (approx - exact).square().sum((-1, -2)) / norm
     return out
 

@@ -1,16 +1,14 @@
 """Triton kernels for `dit_sparse.kmeans` (GPU; they also run on CPU under TRITON_INTERPRET=1).
 
 A Lloyd step is: `assign` (nearest centroid of every point), a stable sort of the labels (PyTorch),
-then `segment_mean` (new centroid = mean of the cluster's points, read through the sort order).
+then `dit_sparse.kmeans.segment_means` (prefix sums over the sorted tokens).
 
 * `assign`: each program loads a tile of BLOCK_S points once and streams its problem's centroids
   through tensor-core dot products, keeping a running (min distance, argmin) per point. The [S, K]
   distance matrix never exists in memory.
-* `segment_mean`: one program per (problem, cluster) sums its contiguous range of the sorted order.
-  A first version accumulated the sums with float atomics inside `assign`; on an H100 at Wan-1.3B's
-  shape the atomics (contended: neighbouring tokens share clusters) cost ~0.35 ms per step, several
-  times the sort plus this kernel. It is also deterministic, and the last step's sort is the
-  permutation the attention plan needs anyway.
+* Means are not a kernel of this file: a kernel per (problem, cluster) serialised on the largest cluster
+  (3.4 ms per semantic plan on an H200 at Wan-1.3B's shape, clusters of uneven sizes); prefix sums over
+  the sorted tokens are balanced. Float atomics inside `assign` were slower still (contended).
 """
 
 from __future__ import annotations
@@ -70,35 +68,6 @@ if triton is not None:
             best_i = tl.where(better, am, best_i)
         tl.store(LAB + n * S + offs_s, best_i, mask=s_ok)
 
-    @triton.jit
-    def _segment_mean_kernel(
-        X, PERM, OFF, C_OLD, C_NEW,
-        S, K, H,
-        stride_xb, stride_xh, stride_xs, stride_xd,
-        D: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-    ):
-        j = tl.program_id(0)  # cluster
-        n = tl.program_id(1)  # problem
-        b = (n // H).to(tl.int64)
-        h = n % H
-        start = tl.load(OFF + n * (K + 1) + j)
-        end = tl.load(OFF + n * (K + 1) + j + 1)
-        offs_d = tl.arange(0, D)
-        x_base = X + b * stride_xb + h * stride_xh
-        acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-        for r0 in range(start, end, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            ok = rows < end
-            tok = tl.load(PERM + n * S + rows, mask=ok, other=0)
-            xv = tl.load(x_base + tok[:, None] * stride_xs + offs_d[None, :] * stride_xd, mask=ok[:, None], other=0.0)
-            acc += xv.to(tl.float32)
-        total = tl.sum(acc, axis=0)
-        cnt = (end - start).to(tl.float32)
-        old = tl.load(C_OLD + (n * K + j) * D + offs_d)
-        new = tl.where(cnt > 0, total / tl.maximum(cnt, 1.0), old)  # an empty cluster keeps its centroid
-        tl.store(C_NEW + (n * K + j) * D + offs_d, new)
-
 
 def _need_triton() -> None:
     if triton is None:
@@ -124,22 +93,3 @@ def assign(x: Tensor, centroids: Tensor, block_s: int = 128, block_k: int = 64, 
         D=D, BLOCK_S=block_s, BLOCK_K=block_k, num_warps=num_warps,
     )
     return labels
-
-
-def segment_mean(
-    x: Tensor, perm: Tensor, offsets: Tensor, old: Tensor, block_r: int = 32, num_warps: int = 4
-) -> Tensor:
-    """Mean of each cluster's points: x [B, H, S, D] read in `perm` order [B, H, S], cluster j holding
-    positions offsets[..., j]:offsets[..., j + 1] (int32 [B, H, K + 1]); empty clusters keep `old`
-    (float32 [B, H, K, D]). Returns float32 [B, H, K, D]."""
-    _need_triton()
-    B, H, S, D = x.shape
-    K = old.shape[2]
-    old = old.contiguous()
-    new = torch.empty_like(old)
-    grid = (K, B * H)
-    _segment_mean_kernel[grid](
-        x, perm.contiguous(), offsets.contiguous(), old, new, S, K, H, *x.stride(),
-        D=D, BLOCK_R=block_r, num_warps=num_warps,
-    )
-    return new

@@ -249,3 +249,31 @@ def _token_to_range(offsets: Tensor, seq_len: int) -> Tensor:
 
 
 token_to_range = _token_to_range
+
+
+def shares_order(perm: Tensor) -> bool:
+    """True when every (batch, head) uses the same token order (an expanded [S] view, as window3d builds)."""
+    B, H = perm.shape[:2]
+    return (B == 1 or perm.stride(0) == 0) and (H == 1 or perm.stride(1) == 0)
+
+
+def permute_tokens(x: Tensor, perm: Tensor) -> Tensor:
+    """x [B, H, S, D] (any strides, unit stride in D) read in `perm` order: out[b, h, s] = x[b, h, perm[b, h, s]].
+
+    Whole rows of D values are copied with one `index_select`: over the token dimension when every head
+    shares the order, else over the rows of x's storage (x as Diffusers lays it out, [B, S, H, D] seen as
+    [B, H, S, D], has whole-row strides). `torch.gather`, which reads one index per element, is the
+    fallback for other layouts. Returns a contiguous [B, H, S, D] tensor.
+    """
+    B, H, S, D = x.shape
+    if shares_order(perm):
+        return x.index_select(2, perm[0, 0])
+    sb, sh, ss, sd = x.stride()
+    if sd != 1 or sb % D or sh % D or ss % D:
+        return torch.gather(x, 2, perm[..., None].expand(B, H, S, D))
+    dev = x.device
+    base = (torch.arange(B, device=dev) * (sb // D))[:, None, None] + (torch.arange(H, device=dev) * (sh // D))[:, None]
+    rows = (base + perm * (ss // D)).reshape(-1)
+    n_rows = ((B - 1) * sb + (H - 1) * sh + (S - 1) * ss) // D + 1
+    flat = x.as_strided((n_rows, D), (D, 1), x.storage_offset())
+    return flat.index_select(0, rows).view(B, H, S, D)

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .budget import select_blocks
 from .context import AttentionContext
@@ -50,11 +49,18 @@ class PooledConfig:
 
 
 def mean_pool(x: Tensor, block: int) -> Tensor:
-    """Mean of each run of `block` tokens of x [B, H, S, D] (last block may be short): float32 [B, H, N, D]."""
+    """Mean of each run of `block` tokens of x [B, H, S, D] (last block may be short): float32 [B, H, N, D].
+
+    Sums accumulate in float32 straight from x's dtype and layout (a view of the full blocks plus the
+    tail): no float32 or padded copy of x is made.
+    """
     B, H, S, D = x.shape
-    n = (S + block - 1) // block
-    padded = F.pad(x.float(), (0, 0, 0, n * block - S))
-    sums = padded.reshape(B, H, n, block, D).sum(3)
+    full = S // block
+    parts = [x[:, :, : full * block].unflatten(2, (full, block)).sum(3, dtype=torch.float32)] if full else []
+    if S % block:
+        parts.append(x[:, :, full * block :].sum(2, keepdim=True, dtype=torch.float32))
+    sums = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+    n = sums.shape[2]
     sizes = (torch.arange(1, n + 1, device=x.device) * block).clamp(max=S) - torch.arange(n, device=x.device) * block
     return sums / sizes[:, None].float()
 

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from dit_sparse.plan import BlockPlan
+from dit_sparse.plan import BlockPlan, permute_tokens, shares_order
 
 from .dispatch import Backend, register_backend
 from .result import AttentionResult
@@ -74,27 +74,21 @@ def supports(q: Tensor, plan: BlockPlan) -> str | None:
     return None
 
 
-def _shared_order(perm: Tensor) -> bool:
-    """True when every (batch, head) uses the same order (an expanded [S] view, as window3d builds)."""
-    return perm.stride(0) == 0 and perm.stride(1) == 0
-
-
 def _to_plan_order(x: Tensor, perm: Tensor | None) -> Tensor:
     """x [B, H, S, D] (any strides) in plan order, returned as a [B, S, H, D] view with unit last stride."""
     xs = x.transpose(1, 2)
     if perm is None:
         return xs
-    if _shared_order(perm):
+    if shares_order(perm):  # one row copy over tokens, straight into flash-attn-4's [B, S, H, D] layout
         return xs.index_select(1, perm[0, 0])
-    D = x.shape[-1]
-    return torch.gather(x, 2, perm[..., None].expand(-1, -1, -1, D)).transpose(1, 2)
+    return permute_tokens(x, perm).transpose(1, 2)
 
 
 def _inverse(plan: BlockPlan) -> Tensor:
     """Inverse of the query order (original token -> plan position), cached in the plan."""
     def build() -> Tensor:
         p = plan.q_perm
-        if _shared_order(p):
+        if shares_order(p):
             inv = torch.empty_like(p[0, 0])
             inv[p[0, 0]] = torch.arange(p.shape[-1], device=p.device)
             return inv.expand_as(p)
@@ -153,11 +147,11 @@ def fa4_block_sparse_attention(
     out = out.transpose(1, 2)  # [B, H, S, D] view in plan order
     if plan.q_perm is not None:
         inv = _inverse(plan)
-        if _shared_order(plan.q_perm):
-            out = out.index_select(2, inv[0, 0])
+        if shares_order(plan.q_perm):
+            out = out.transpose(1, 2).index_select(1, inv[0, 0]).transpose(1, 2)  # stays [B, S, H, D] in memory
             lse = lse.index_select(2, inv[0, 0]) if lse is not None else None
         else:
-            out = torch.gather(out, 2, inv[..., None].expand(-1, -1, -1, D))
+            out = permute_tokens(out, inv)
             lse = torch.gather(lse, 2, inv) if lse is not None else None
     if return_lse and lse is not None:
         lse = lse.float()

@@ -91,7 +91,7 @@ def ctx() -> AttentionContext:
 
 def bench_kmeans_kernels(q, rows):
     """Assignment and segment-mean kernels: launch configs, label agreement with the PyTorch path."""
-    from dit_sparse.kmeans_triton import assign, segment_mean
+    from dit_sparse.kmeans_triton import assign
 
     nq, nk = (16, 64) if SMOKE else (152, 608)
     out = []
@@ -110,10 +110,9 @@ def bench_kmeans_kernels(q, rows):
         out.append({"kernel": "sort_by_label", "K": K, "ms": t})
         rows.append(f"sort_by_label K={K:4d}: {t:.3f} ms")
         perm, off = km.sort_by_label(lab, K)
-        for br, w in ((32, 4), (16, 4), (64, 4), (64, 8)):
-            t = timed(lambda br=br, w=w, c=c, perm=perm, off=off: segment_mean(q, perm, off, c, br, w), reps=10)
-            out.append({"kernel": "segment_mean", "K": K, "block_r": br, "warps": w, "ms": t})
-            rows.append(f"segment_mean K={K:4d} br={br:3d} w={w}: {t:.3f} ms")
+        t = timed(lambda c=c, perm=perm, off=off: km.segment_means(q, perm, off, c), reps=10)
+        out.append({"kernel": "segment_means", "K": K, "ms": t})
+        rows.append(f"segment_means K={K:4d}: {t:.3f} ms")
     return out
 
 

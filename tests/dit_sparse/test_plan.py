@@ -36,3 +36,25 @@ def test_validate_rejects_malformed_plans():
         bad.validate()
     with pytest.raises(ValueError, match="blocks"):
         BlockPlan.from_block_mask(torch.ones(1, 1, 3, 3, dtype=torch.bool), 16, 32)
+
+
+def test_permute_tokens_matches_gather_for_every_layout():
+    from dit_sparse.plan import permute_tokens, shares_order
+
+    g = torch.Generator().manual_seed(3)
+    B, S, H, D = 2, 37, 3, 8
+    base = torch.randn(B, S, H, D, generator=g)
+    layouts = {
+        "diffusers [B,S,H,D] view": base.transpose(1, 2),
+        "contiguous": base.transpose(1, 2).contiguous(),
+        "odd strides": torch.randn(B, H, S, D + 3, generator=g)[..., 1 : D + 1],  # rows not whole: fallback
+    }
+    per_head = torch.stack([torch.randperm(S, generator=g) for _ in range(B * H)]).view(B, H, S)
+    shared = torch.randperm(S, generator=g).view(1, 1, S).expand(B, H, S)
+    assert shares_order(shared) and not shares_order(per_head)
+    assert shares_order(torch.randperm(S, generator=g).view(1, 1, S).expand(1, H, S))  # B = 1 keeps stride S
+    for name, x in layouts.items():
+        for perm in (per_head, shared):
+            want = torch.gather(x, 2, perm[..., None].expand(B, H, S, D))
+            got = permute_tokens(x, perm)
+            assert torch.equal(got, want), name
