@@ -36,6 +36,7 @@ from .tiling import Tile, VideoTiling, choose_tile
 
 Tensor = torch.Tensor
 KINDS = ("window", "spatial", "temporal", "radial")
+AUTO_BLOCK, AUTO_BLOCK_FROM = 128, 8192  # block="auto": 128-token blocks from 8,192 tokens, exact tiles below
 SHAPES = ("window", "radial")
 
 
@@ -409,7 +410,8 @@ class WindowConfig:
         best on each grid (`choose_tile`); ragged edge tiles are exact.
     block: None (ranges are the exact tiles) or a block size (e.g. 128): ranges become fixed blocks of the
         tile-major order and each block pair is selected when any tile pair it overlaps is (a superset at
-        tile edges, counted in the budget; kernels never pad a short range).
+        tile edges, counted in the budget; kernels never pad a short range). "auto" (default): 128 from
+        8,192 tokens on (full kernel tiles, and flash-attn-4 runs fixed blocks), exact tiles below.
     pattern: "auto" (per-head choice among `candidates`, re-sampled every `classify_every` steps),
         or one kind for every head: "window", "spatial", "temporal", "radial".
     window: a fixed (t, h, w) window in tiles for every head (ignores the sparsity budget).
@@ -425,7 +427,7 @@ class WindowConfig:
     """
 
     tile: Tile | str = "auto"
-    block: int | None = None
+    block: int | str | None = "auto"
     pattern: str = "auto"
     window: Tile | None = None
     candidates: tuple[str, ...] = ("spatial", "temporal", "window")
@@ -441,8 +443,8 @@ class WindowConfig:
     def __post_init__(self) -> None:
         if self.tile != "auto":
             object.__setattr__(self, "tile", _tuple3(self.tile, "tile"))
-        if self.block is not None and (not isinstance(self.block, int) or self.block < 16):
-            raise ConfigError(f"block must be None or an integer >= 16 (e.g. 128), got {self.block!r}")
+        if self.block not in (None, "auto") and (not isinstance(self.block, int) or self.block < 16):
+            raise ConfigError(f"block must be 'auto', None or an integer >= 16 (e.g. 128), got {self.block!r}")
         if self.window is not None:
             object.__setattr__(self, "window", _tuple3(self.window, "window"))
         if self.pattern != "auto" and self.pattern not in KINDS:
@@ -496,6 +498,8 @@ class SpatioTemporalWindows(SparseMethod):
             tile, block = self.assignment.tile, self.assignment.block
         else:
             tile, block = self.options.tile, self.options.block
+            if block == "auto":  # kernel-sized blocks where sequences are long enough for tiles to matter
+                block = AUTO_BLOCK if layout.seq_len >= AUTO_BLOCK_FROM else None
         if tile != "auto":
             return VideoTiling.get(layout, tile, self.options.text_block, device, block)
         key = (layout, str(device))
