@@ -10,9 +10,9 @@ the Euclidean radius of a cluster is exactly what bounds the logit error. Normal
 vectors of very different length, whose logits (and softmax weights) differ most.
 
 A Lloyd step is: assign (nearest centroid), stable sort of the labels, per-cluster mean read through
-the sort order. On CUDA with a power-of-two head dim, assignment is a Triton kernel (`kmeans_triton`;
-distances never reach HBM) and means are prefix-sum differences over the sorted tokens
-(`segment_means`: balanced, no atomics); elsewhere a batched PyTorch path runs the same maths. The last step's sort is returned: it is the token permutation the attention plan uses.
+the sort order. On CUDA with a power-of-two head dim, assignment and per-cluster sums are Triton
+kernels (`kmeans_triton`; distances never reach HBM, sums balanced over fixed chunks of the sorted
+order); elsewhere a batched PyTorch path runs the same maths. The last step's sort is returned: it is the token permutation the attention plan uses.
 Default seeds are tokens sampled at a fixed stride in natural order: deterministic, free, and spread
 over the whole video because video tokens are laid out frame by frame; k-means++ seeding on a
 subsample is available for cold starts (better on well-separated data, K sequential small steps).
@@ -23,8 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from .plan import permute_tokens
 
 Tensor = torch.Tensor
 
@@ -143,45 +141,17 @@ def sort_by_label(labels: Tensor, num_clusters: int) -> tuple[Tensor, Tensor]:
     return perm, offsets.reshape(*lead, num_clusters + 1)
 
 
-def segment_means(x: Tensor, perm: Tensor, offsets: Tensor, old: Tensor, max_bytes: int = 1 << 29) -> Tensor:
-    """Mean of each cluster's points, clusters being ranges of the sorted order: x [B, H, S, D] read in `perm`
-    order [B, H, S], cluster j at positions offsets[..., j]:offsets[..., j + 1]; empty clusters keep `old`
-    (float32 [B, H, K, D]). Returns float32 [B, H, K, D].
-
-    Balanced whatever the cluster sizes: the tokens are copied once in sorted order, summed with one
-    float32 prefix sum along the sequence, and each cluster's sum is the difference of two prefix sums
-    (a kernel per cluster instead serialises on the largest cluster). Heads go in chunks of at most
-    `max_bytes` of prefix sums.
-    """
-    B, H, S, D = x.shape
-    out = torch.empty_like(old, dtype=torch.float32)
-    lo_i, hi_i = offsets[..., :-1].long(), offsets[..., 1:].long()
-    step = max(1, max_bytes // max(B * S * D * 4, 1))
-    for h0 in range(0, H, step):
-        hs = slice(h0, min(H, h0 + step))
-        cum = torch.cumsum(permute_tokens(x[:, hs], perm[:, hs]), dim=2, dtype=torch.float32)
-        lo, hi = lo_i[:, hs], hi_i[:, hs]
-        cnt = (hi - lo)[..., None].float()
-        sums = _prefix(cum, hi) - _prefix(cum, lo)
-        out[:, hs] = torch.where(cnt > 0, sums / cnt.clamp_min(1.0), old[:, hs].float())
-    return out
-
-
-def _prefix(cum: Tensor, end: Tensor) -> Tensor:
-    """Sum of the first `end` sorted tokens from inclusive prefix sums `cum` [B, h, S, D] (0 where end == 0)."""
-    got = torch.gather(cum, 2, (end - 1).clamp_min(0)[..., None].expand(*end.shape, cum.shape[-1]))
-    return torch.where(end[..., None] > 0, got, 0.0)
-
-
 def lloyd_step(x: Tensor, centroids: Tensor) -> KMeansResult:
     """Assign every point to its nearest centroid, then move each centroid to its members' mean."""
     K = centroids.shape[2]
     if _use_triton(x):
-        from .kmeans_triton import assign
+        from .kmeans_triton import assign, segment_sum
 
         labels = assign(x, centroids)
         perm, offsets = sort_by_label(labels, K)
-        new = segment_means(x, perm, offsets, centroids)
+        cnt = (offsets[..., 1:] - offsets[..., :-1])[..., None].float()
+        sums = segment_sum(x, perm, labels, K)
+        new = torch.where(cnt > 0, sums / cnt.clamp_min(1.0), centroids.float())  # empty: keep the old one
     else:
         labels = _assign_torch(x, centroids)
         perm, offsets = sort_by_label(labels, K)

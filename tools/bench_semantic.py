@@ -1,7 +1,7 @@
 """GPU benchmark of the "semantic" method at the Wan2.1-1.3B attention shape (B=1, 12 heads, 32,760 tokens, D=128).
 
 Measures (CUDA events, median of repeated calls after warm-up):
-  * the Triton k-means kernels (assignment, segment mean) for a few launch configurations, plus the
+  * the Triton k-means kernels (assignment, segment sum) for a few launch configurations, plus the
     label sort (labels checked against PyTorch);
   * warm k-means (Q and K, default cluster counts, 2 iterations) and the whole `plan()` call;
   * the sparse attention call (plan + Triton block-sparse kernel) at sparsity 0.9, next to cuDNN SDPA;
@@ -90,8 +90,8 @@ def ctx() -> AttentionContext:
 
 
 def bench_kmeans_kernels(q, rows):
-    """Assignment and segment-mean kernels: launch configs, label agreement with the PyTorch path."""
-    from dit_sparse.kmeans_triton import assign
+    """Assignment and segment-sum kernels: launch configs, label agreement with the PyTorch path."""
+    from dit_sparse.kmeans_triton import assign, segment_sum
 
     nq, nk = (16, 64) if SMOKE else (152, 608)
     out = []
@@ -110,9 +110,9 @@ def bench_kmeans_kernels(q, rows):
         out.append({"kernel": "sort_by_label", "K": K, "ms": t})
         rows.append(f"sort_by_label K={K:4d}: {t:.3f} ms")
         perm, off = km.sort_by_label(lab, K)
-        t = timed(lambda c=c, perm=perm, off=off: km.segment_means(q, perm, off, c), reps=10)
-        out.append({"kernel": "segment_means", "K": K, "ms": t})
-        rows.append(f"segment_means K={K:4d}: {t:.3f} ms")
+        t = timed(lambda K=K, perm=perm, lab=lab: segment_sum(q, perm, lab, K), reps=10)
+        out.append({"kernel": "segment_sum", "K": K, "ms": t})
+        rows.append(f"segment_sum K={K:4d}: {t:.3f} ms")
     return out
 
 
