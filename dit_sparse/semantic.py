@@ -181,10 +181,10 @@ class SemanticPermutation(SparseMethod):
             qc, kc = torch.cat([qc, t_sl], 2), torch.cat([kc, k_sl], 2)
             tsize = torch.full((B, H, 1), text, dtype=q_sizes.dtype, device=q.device)
             q_sizes, k_sizes = torch.cat([q_sizes, tsize], -1), torch.cat([k_sizes, tsize], -1)
-            force_q = torch.zeros(qc.shape[2], dtype=torch.bool, device=q.device)
-            force_q[-1] = True
-            force_k = torch.zeros(kc.shape[2], dtype=torch.bool, device=q.device)
-            force_k[-1] = True
+            # The text range (last) is forced both ways, built by a comparison on the device: writing a
+            # Python scalar into a CUDA tensor (`x[-1] = True`) copies it from the host.
+            force_q = torch.arange(qc.shape[2], device=q.device) == qc.shape[2] - 1
+            force_k = torch.arange(kc.shape[2], device=q.device) == kc.shape[2] - 1
         logits = torch.matmul(qc, kc.transpose(-1, -2)) * (1.0 / math.sqrt(D))
         mask = select_blocks(
             logits,
