@@ -94,9 +94,13 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         x_ptrs = X + b * stride_xb + h * stride_xh + tok[:, None] * stride_xs + offs_d[None, :] * stride_xd
         x = tl.load(x_ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-        # Sorted positions: the chunk holds the clusters first..last, each as one run.
-        first = tl.min(tl.where(ok, lab, K), 0)
-        last = tl.max(lab, 0)
+        # Sorted positions: the chunk holds the clusters first..last, each as one run. The bounds are scalar
+        # loads of its first and last rows' labels (a reduction's result is not a loop bound everywhere:
+        # Triton 3.6's interpreter rejects it).
+        base = n.to(tl.int64) * S
+        r_last = tl.minimum(c * BLOCK_R + BLOCK_R, S) - 1
+        first = tl.load(LAB + base + tl.load(PERM + base + c * BLOCK_R))
+        last = tl.load(LAB + base + tl.load(PERM + base + r_last))
         for j in range(first, last + 1):
             part = tl.sum(tl.where((lab == j)[:, None], x, 0.0), axis=0)
             tl.atomic_add(SUMS + (n.to(tl.int64) * K + j) * D + offs_d, part)
