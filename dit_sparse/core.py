@@ -121,7 +121,7 @@ class SparseAttentionCore:
         them (e.g. float32, an unsupported head dim): the caller then runs the model's own dense attention
         rather than the slow reference executor, which is for the CPU and tests.
         """
-        name, why = select_backend(q, plan, self.backend, self.method.wants_tile_stats)
+        name, why = select_backend(q, plan, self.backend, self.method.wants_tile_stats, self.method.wants_lse)
         if not name:
             self._warn_once(f"no fast kernel runs these inputs ({why})")
             return None

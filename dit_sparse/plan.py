@@ -258,22 +258,41 @@ def shares_order(perm: Tensor) -> bool:
 
 
 def permute_tokens(x: Tensor, perm: Tensor) -> Tensor:
-    """x [B, H, S, D] (any strides, unit stride in D) read in `perm` order: out[b, h, s] = x[b, h, perm[b, h, s]].
+    """x [B, H, S, D] (any strides, unit stride in D) read at token positions `perm` [B, H, L] (a permutation,
+    or any positions): out[b, h, l] = x[b, h, perm[b, h, l]], a contiguous [B, H, L, D] tensor.
 
     Whole rows of D values are copied with one `index_select`: over the token dimension when every head
-    shares the order, else over the rows of x's storage (x as Diffusers lays it out, [B, S, H, D] seen as
-    [B, H, S, D], has whole-row strides). `torch.gather`, which reads one index per element, is the
-    fallback for other layouts. Returns a contiguous [B, H, S, D] tensor.
+    shares the positions, else over the rows of x's storage (x as Diffusers lays it out, [B, S, H, D] seen
+    as [B, H, S, D], has whole-row strides). `torch.gather`, which reads one index per element, is the
+    fallback for other layouts.
     """
     B, H, S, D = x.shape
+    L = perm.shape[-1]
     if shares_order(perm):
         return x.index_select(2, perm[0, 0])
+    rows = storage_rows(x, perm)
+    if rows is None:
+        return torch.gather(x, 2, perm[..., None].expand(B, H, L, D))
+    return row_view(x).index_select(0, rows.reshape(-1)).view(B, H, L, D)
+
+
+def storage_rows(x: Tensor, pos: Tensor) -> Tensor | None:
+    """Index of the storage row (of D values) holding x[b, h, pos[b, h, ...]] for x [B, H, S, D], or None
+    when x's strides are not whole rows."""
+    B, H, S, D = x.shape
     sb, sh, ss, sd = x.stride()
     if sd != 1 or sb % D or sh % D or ss % D:
-        return torch.gather(x, 2, perm[..., None].expand(B, H, S, D))
+        return None
     dev = x.device
-    base = (torch.arange(B, device=dev) * (sb // D))[:, None, None] + (torch.arange(H, device=dev) * (sh // D))[:, None]
-    rows = (base + perm * (ss // D)).reshape(-1)
+    extra = (1,) * (pos.dim() - 2)
+    base = (torch.arange(B, device=dev) * (sb // D)).view(B, 1, *extra) + \
+        (torch.arange(H, device=dev) * (sh // D)).view(1, H, *extra)
+    return base + pos * (ss // D)
+
+
+def row_view(x: Tensor) -> Tensor:
+    """x [B, H, S, D] with whole-row strides seen as the [N, D] rows of its storage span."""
+    B, H, S, D = x.shape
+    sb, sh, ss, _ = x.stride()
     n_rows = ((B - 1) * sb + (H - 1) * sh + (S - 1) * ss) // D + 1
-    flat = x.as_strided((n_rows, D), (D, 1), x.storage_offset())
-    return flat.index_select(0, rows).view(B, H, S, D)
+    return x.as_strided((n_rows, D), (D, 1), x.storage_offset())

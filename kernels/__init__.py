@@ -1,8 +1,8 @@
 """Block-sparse attention kernels shared by every dit-sparse method (`dit_sparse.kernels`).
 
 `block_sparse_attention(q, k, v, plan)` executes a `dit_sparse.plan.BlockPlan` on the fastest available
-backend: flash-attn-4 where installed and the plan has fixed blocks, else Triton on CUDA GPUs, the
-pure-PyTorch reference on the CPU.
+backend: flash-attn-4 where installed and the plan has fixed blocks, else Triton on CUDA GPUs; on the CPU
+the batched CPU executor (the pure-PyTorch reference where LSE or tile statistics are needed).
 """
 
 from .dispatch import (
@@ -22,7 +22,10 @@ try:  # The Triton backend registers itself; its absence only removes the GPU fa
 except ImportError:  # pragma: no cover - depends on the install
     pass
 
-from . import fa4_backend  # noqa: E402,F401 - registers "fa4" ahead of Triton; flash-attn-4 is imported lazily
+from . import (
+    cpu_backend,  # noqa: E402,F401 - the batched CPU executor, after the GPU backends
+    fa4_backend,  # noqa: E402,F401 - registers "fa4" ahead of Triton; flash-attn-4 is imported lazily
+)
 
 __all__ = [
     "AttentionResult",

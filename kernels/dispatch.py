@@ -2,10 +2,11 @@
 
 Backends register a callable with the reference executor's signature plus a `supports(q, plan)` check and
 whether they compute tile statistics. `backend="auto"` takes the first backend in the automatic order
-(fastest first, as measured in BENCHMARKS.md: flash-attn-4 where installed, then Triton) that supports the
-inputs; `select_backend` tells the caller beforehand, so that the attention processors can run the
-model's own dense attention (one warning) for CUDA inputs no fast kernel runs. The pure-PyTorch reference
-executes plans on the CPU and in tests.
+(fastest first, as measured in BENCHMARKS.md: flash-attn-4 where installed, then Triton, then the batched
+CPU executor) that supports the inputs; `select_backend` tells the caller beforehand, so that the attention
+processors can run the model's own dense attention (one warning) for CUDA inputs no fast kernel runs.
+The pure-PyTorch reference is the oracle of the tests and runs what nothing faster can (LSE and tile
+statistics on the CPU).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Backend:
     run: Callable[..., AttentionResult]
     supports: Callable[[torch.Tensor, BlockPlan], str | None]  # None if supported, else the reason
     tile_stats: bool = False  # computes AttentionResult.tile_max (needed by "skip")
+    lse: bool = True  # can return AttentionResult.lse
     # The part of `supports` that needs no tensor (device, dtype or None when not known yet): lets callers
     # such as the CLI reject e.g. `--backend triton --device cpu` before loading a model.
     supports_setting: Callable[[torch.device, torch.dtype | None], str | None] | None = None
@@ -52,7 +54,7 @@ def auto_order() -> list[str]:
 
 
 def select_backend(q: torch.Tensor, plan: BlockPlan, backend: str = "auto",
-                   tile_stats: bool = False) -> tuple[str, str | None]:
+                   tile_stats: bool = False, lse: bool = False) -> tuple[str, str | None]:
     """(name of the backend that will run, None) or ("", the reasons none can) for these inputs.
 
     "reference" is returned for CPU inputs nothing faster runs, and when asked for by name. A named
@@ -65,13 +67,15 @@ def select_backend(q: torch.Tensor, plan: BlockPlan, backend: str = "auto",
         reason = chosen.supports(q, plan)
         if reason is None and tile_stats and not chosen.tile_stats:
             reason = "it computes no tile statistics (needed by 'skip'); use backend='triton'"
+        if reason is None and lse and not chosen.lse:
+            reason = "it returns no LSE (needed by 'skip'); use backend='triton' or 'reference'"
         if reason is not None:
             raise ValueError(f"backend {backend!r} cannot run these inputs: {reason}")
         return backend, None
     reasons = []
     for name in _AUTO_ORDER:
         cand = _BACKENDS[name]
-        if tile_stats and not cand.tile_stats:
+        if (tile_stats and not cand.tile_stats) or (lse and not cand.lse):
             continue
         reason = cand.supports(q, plan)
         if reason is None:
@@ -136,7 +140,7 @@ def block_sparse_attention(
     if plan.seq_len_q != q.shape[2] or plan.seq_len_k != k.shape[2]:
         raise ValueError(f"plan covers {plan.seq_len_q}x{plan.seq_len_k} tokens, inputs {q.shape[2]}x{k.shape[2]}")
     kwargs = dict(scale=scale, return_lse=return_lse, return_tile_stats=return_tile_stats)
-    name, reason = select_backend(q, plan, backend, return_tile_stats)
+    name, reason = select_backend(q, plan, backend, return_tile_stats, return_lse)
     if name == "reference" or not name:
         if reason is not None:
             _warn_once(reason)
