@@ -263,7 +263,7 @@ def _bench_shape(args, name, gen, record):
             rec["sweep"] = {
                 ",".join(map(str, c.__dict__.values())): try_ms(
                     lambda c=c, plan=plan: tb.triton_block_sparse_attention(q, k, v, plan, config=c), args.rep)
-                for c in tb._CANDIDATES[D]
+                for c in tb.candidate_configs(D, plan)
             }
         if not args.no_flex:
             bm = flex_block_mask(plan, S, S)
@@ -339,7 +339,7 @@ def _extras(args, q, k, v, scale, gen, fixed10, record):
                 ",".join(map(str, c.__dict__.values())): try_ms(
                     lambda c=c, plan=plan, kw=kw: tb.triton_block_sparse_attention(q, k, v, plan, config=c, **kw),
                     args.rep)
-                for c in tb._CANDIDATES[D]
+                for c in tb.candidate_configs(D, plan)
             }
         record(**rec)
     # Plan preparation from scratch (what a method producing a new plan every call pays).

@@ -209,7 +209,7 @@ def plan_kind(plan: BlockPlan) -> str:
 
 
 # Configurations chosen offline per (GPU architecture, head dim, plan kind), never timed during a
-# generation: `python -m dit_sparse.kernels.bench --tune` times every candidate and prints this table.
+# generation: `python -m dit_sparse.kernels.bench --sweep` times every candidate per shape and plan kind.
 # From the H100 sweep (docs/kernels-notes.md): 128x128 tiles with 8 warps; 2 stages where keys are read
 # contiguously (TMA), 3 where they are gathered through a permutation (more latency to hide).
 STORED_CONFIGS: dict[tuple[int, int, str], KernelConfig] = {
