@@ -37,7 +37,11 @@ class KeyPaddingTrim:
         self._length: int | None = None
 
     def valid_length(self, mask: torch.Tensor, seq_len: int) -> int | None:
-        """L such that every batch row keeps exactly keys [0, L); None if the mask is not of that form."""
+        """L such that every batch row keeps exactly keys [0, L); None if the mask is not of that form.
+
+        `mask` is a boolean key mask, [B, 1, 1, S] or [B, S] (other models hand the processors a per-token
+        text mask of that shape).
+        """
         if self._mask_ref is not None and self._mask_ref() is mask:
             return self._length
         self._length = _prefix_length(mask, seq_len)
@@ -46,7 +50,9 @@ class KeyPaddingTrim:
 
 
 def _prefix_length(mask: torch.Tensor, seq_len: int) -> int | None:
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[-1] != seq_len:
+    if mask.dtype != torch.bool or mask.shape[-1] != seq_len:
+        return None
+    if not (mask.dim() == 2 or (mask.dim() == 4 and mask.shape[1:3] == (1, 1))):
         return None
     rows = mask.reshape(mask.shape[0], seq_len)
     counts = rows.sum(dim=1)

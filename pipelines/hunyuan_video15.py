@@ -1,0 +1,152 @@
+"""HunyuanVideo 1.5 (T2V, I2V): sparse joint attention over [video, text] in every dual-stream block.
+
+The token refiner (self-attention over text only) keeps its original processor.
+
+Text and masks: the model joins three conditioning streams (SigLIP image tokens, ByT5 glyph tokens, the
+MLLM prompt) into one text sequence, reordered so that every valid token comes first and every padded
+one after (T2V marks all image tokens invalid), and hands every block the same boolean [B, T] mask. The
+processor pads it on the left for the video tokens and builds a [B, 1, S, S] mask that is True only
+where both query and key are valid. When every row has the same number L of valid text tokens, the
+padded tail is cut off: [video, valid text] attends to itself through the core (exactly the masked
+attention of those queries), and the padded queries get Diffusers' own masked call on their rows (every
+key masked for them). Otherwise the mask goes to the core, which runs dense with a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
+
+from dit_sparse.layout import VideoLayout
+
+from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
+from .hunyuan_video import KeyPaddingTrim
+
+
+class HunyuanVideo15SparseAttnProcessor(SparseProcessorMixin, HunyuanVideo15AttnProcessor2_0):
+    """Diffusers' HunyuanVideo 1.5 processor with the joint attention routed through the sparse core."""
+
+    def __init__(
+        self,
+        core,
+        layer: int,
+        name: str,
+        original: HunyuanVideo15AttnProcessor2_0 | None = None,
+        trim: KeyPaddingTrim | None = None,
+    ) -> None:
+        super().__init__()
+        self._bind(core, layer, name, original)
+        self.trim = trim if trim is not None else KeyPaddingTrim()
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if encoder_hidden_states is None or attention_mask is None:  # never made by the blocks we replace
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))
+        key = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        # RoPE on the video tokens only, before the text is appended.
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_added_q is not None:
+            encoder_query = attn.norm_added_q(encoder_query)
+        if attn.norm_added_k is not None:
+            encoder_key = attn.norm_added_k(encoder_key)
+        query = torch.cat([query, encoder_query], dim=1)
+        key = torch.cat([key, encoder_key], dim=1)
+        value = torch.cat([value, encoder_value], dim=1)
+
+        out = self._attend_joint(query, key, value, attention_mask)
+        out = out.flatten(2, 3).to(query.dtype)
+
+        text_len = encoder_hidden_states.shape[1]
+        out, encoder_out = out[:, :-text_len], out[:, -text_len:]
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[0](out)
+            out = attn.to_out[1](out)
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_out = attn.to_add_out(encoder_out)
+        return out, encoder_out
+
+    def _attend_joint(self, query, key, value, text_mask: torch.Tensor) -> torch.Tensor:
+        batch_size, seq_len = query.shape[:2]
+        text_len = text_mask.shape[1]
+        # Diffusers' joint mask: video tokens valid, then the text mask; a pair attends if both are valid.
+        valid_tokens = F.pad(text_mask, (seq_len - text_len, 0), value=True).bool()
+        rows = valid_tokens.view(batch_size, 1, 1, seq_len).repeat(1, 1, seq_len, 1)
+        mask = rows & rows.transpose(2, 3)
+        dense = self._dense_attention(query, key, value, mask)
+
+        valid = None
+        # Under context parallelism each rank holds a shard, so the padded tail cannot be cut off here.
+        if self._parallel_config is None and not self.core.config.is_dense:
+            valid = self.trim.valid_length(text_mask.bool() if text_mask.dtype != torch.bool else text_mask,
+                                           text_len)
+        if valid is None:
+            return self.core.attend(
+                query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=False,
+                attention_mask=mask, parallel_config=self._parallel_config,
+            )
+        keep = seq_len - text_len + valid
+        if keep == seq_len:  # nothing padded
+            return self.core.attend(
+                query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=False,
+            )
+        q, k, v = query[:, :keep], key[:, :keep], value[:, :keep]
+        out = self.core.attend(q, k, v, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=False)
+        if out.shape[1] == seq_len:  # the core ran `dense` on the full, masked sequence
+            return out
+        # Padded queries: Diffusers' masked call restricted to their rows (every key is masked for them).
+        tail = dispatch_attention_fn(
+            query[:, keep:], key, value, attn_mask=mask[:, :, keep:], dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
+        return torch.cat([out, tail.to(out.dtype)], dim=1)
+
+
+@register_adapter
+class HunyuanVideo15Adapter(ModelAdapter):
+    family = "hunyuan_video15"
+    transformer_classes = ("HunyuanVideo15Transformer3DModel",)
+    facts = ModelFacts(
+        family="HunyuanVideo 1.5 (T2V, I2V; 480p/720p, step-distilled and meanflow variants)",
+        text="joint, text last: [video, text] in every dual-stream block; text = [valid image, ByT5, MLLM tokens, "
+        "then padding], padded tokens masked as queries and keys",
+        rope="3D RoPE inside the processor after the head split and q/k RMSNorm, on video tokens only",
+        heads="(B, S, H, D) after unflatten; dispatched through dispatch_attention_fn",
+    )
+    text_first = False
+
+    def __init__(self) -> None:
+        self._trim = KeyPaddingTrim()  # one mask analysis per forward, shared by every layer
+
+    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+        for i, block in enumerate(model.transformer_blocks):
+            yield f"transformer_blocks.{i}.attn", block.attn
+
+    def make_processor(self, original, core, layer: int, name: str):
+        return HunyuanVideo15SparseAttnProcessor(core, layer, name, original, self._trim)
+
+    def layout(self, model, args, kwargs) -> VideoLayout | None:
+        x = arg(args, kwargs, "hidden_states", 0)  # [B, C, F, H, W]
+        if x is None or x.dim() != 5:
+            return None
+        p, pt = model.config.patch_size, model.config.patch_size_t
+        _, _, f, h, w = x.shape
+        return VideoLayout(f // pt, h // p, w // p)

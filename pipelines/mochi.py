@@ -1,0 +1,163 @@
+"""Mochi 1: sparse joint attention over [video, valid text] in every block (`attn1`).
+
+Diffusers' Mochi processor attends per sample over [video, that sample's valid prompt tokens] (the
+padded prompt tokens are dropped, not masked), then zero-pads each output to the full length. The sparse
+processor does the same: samples with equally many valid prompt tokens share one core call (all of them
+in the usual case of one prompt per forward); when the counts differ (e.g. batched CFG with a short
+negative prompt), each sample gets its own core call, under a layer name suffixed with `[sample index]`
+so that methods which keep state per layer keep it per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import MochiAttnProcessor2_0
+
+from dit_sparse.layout import VideoLayout
+
+from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
+
+
+def _rope_interleaved(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Mochi's RoPE on (even, odd) channel pairs, in float32, as Diffusers' processor computes it."""
+    x_even = x[..., 0::2].float()
+    x_odd = x[..., 1::2].float()
+    cos = (x_even * freqs_cos - x_odd * freqs_sin).to(x.dtype)
+    sin = (x_even * freqs_sin + x_odd * freqs_cos).to(x.dtype)
+    return torch.stack([cos, sin], dim=-1).flatten(-2)
+
+
+class MochiSparseAttnProcessor(SparseProcessorMixin, MochiAttnProcessor2_0):
+    """Diffusers' Mochi processor with the per-sample joint attention routed through the sparse core.
+
+    Mochi calls `F.scaled_dot_product_attention` directly (no dispatcher, so there is no attention backend
+    to carry over); the dense fallback makes the same call.
+    """
+
+    def __init__(self, core, layer: int, name: str, original: MochiAttnProcessor2_0 | None = None) -> None:
+        super().__init__()
+        self._bind(core, layer, name)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.core.config.is_dense:  # sparsity 0: Diffusers' own call, bit for bit
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_added_q is not None:
+            encoder_query = attn.norm_added_q(encoder_query)
+        if attn.norm_added_k is not None:
+            encoder_key = attn.norm_added_k(encoder_key)
+        # RoPE on the video tokens only.
+        if image_rotary_emb is not None:
+            query = _rope_interleaved(query, *image_rotary_emb)
+            key = _rope_interleaved(key, *image_rotary_emb)
+
+        video_len, text_len = query.shape[1], encoder_query.shape[1]
+        out = self._attend_per_prompt_length(
+            (query, key, value), (encoder_query, encoder_key, encoder_value), attention_mask
+        )
+        out = out.flatten(2, 3)
+        out, encoder_out = out.split_with_sizes((video_len, text_len), dim=1)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if hasattr(attn, "to_add_out"):
+            encoder_out = attn.to_add_out(encoder_out)
+        return out, encoder_out
+
+    def _attend_per_prompt_length(self, video_qkv, text_qkv, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, video + text, H, D]: each sample's [video, valid text] attention, zero-padded at the end."""
+        batch_size = video_qkv[0].shape[0]
+        total = video_qkv[0].shape[1] + text_qkv[0].shape[1]
+        # One host sync for the valid-token indices of every sample (Diffusers syncs once per sample).
+        indices = [row.nonzero().flatten() for row in attention_mask.bool().reshape(batch_size, -1).cpu()]
+        counts = {len(i) for i in indices}
+        if len(counts) == 1:
+            index = torch.stack(indices).to(video_qkv[0].device)  # [B, L]
+            joint = [
+                torch.cat([v, torch.gather(t, 1, index[:, :, None, None].expand(-1, -1, *t.shape[2:]))], dim=1)
+                for v, t in zip(video_qkv, text_qkv)
+            ]
+            out = self._attend_rows(*joint, self.name)
+            return F.pad(out, (0, 0, 0, 0, 0, total - out.shape[1]))
+        outs = []
+        for b, index in enumerate(indices):
+            index = index.to(video_qkv[0].device)
+            joint = [torch.cat([v[b : b + 1], t[b : b + 1, index]], dim=1) for v, t in zip(video_qkv, text_qkv)]
+            out = self._attend_rows(*joint, f"{self.name}[{b}]")
+            outs.append(F.pad(out, (0, 0, 0, 0, 0, total - out.shape[1])))
+        return torch.cat(outs, dim=0)
+
+    def _attend_rows(self, query, key, value, layer_name: str) -> torch.Tensor:
+        dense: Callable[[], torch.Tensor] = lambda: F.scaled_dot_product_attention(  # noqa: E731
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=0.0, is_causal=False
+        ).transpose(1, 2)
+        return self.core.attend(query, key, value, layer=self.layer, layer_name=layer_name, dense_fn=dense,
+                                text_first=False)
+
+
+class ProcessorSlot:
+    """The processor of a `MochiAttention`, which (unlike Diffusers' other attention classes) has no
+    `get_processor`/`set_processor`: `dit_sparse.apply` and `remove` swap processors through this."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    @property
+    def processor(self):
+        return self.module.processor
+
+    def get_processor(self):
+        return self.module.processor
+
+    def set_processor(self, processor) -> None:
+        self.module.processor = processor
+
+
+@register_adapter
+class MochiAdapter(ModelAdapter):
+    family = "mochi"
+    timestep_index = 2  # forward(hidden_states, encoder_hidden_states, timestep, ...)
+    transformer_classes = ("MochiTransformer3DModel",)
+    facts = ModelFacts(
+        family="Mochi 1 (preview; T2V)",
+        text="joint, text last: [video, valid prompt tokens] per sample in every block's attn1 (padded prompt "
+        "tokens dropped, their outputs zero)",
+        rope="3D RoPE (learned frequencies, interleaved pairs) inside the processor after the head split and "
+        "q/k RMSNorm, on video tokens only",
+        heads="(B, S, H, D) after unflatten, transposed to (B, H, S, D) for F.scaled_dot_product_attention "
+        "(no dispatcher)",
+    )
+    text_first = False
+
+    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+        for i, block in enumerate(model.transformer_blocks):
+            yield f"transformer_blocks.{i}.attn1", ProcessorSlot(block.attn1)
+
+    def make_processor(self, original, core, layer: int, name: str):
+        return MochiSparseAttnProcessor(core, layer, name, original)
+
+    def layout(self, model, args, kwargs) -> VideoLayout | None:
+        x = arg(args, kwargs, "hidden_states", 0)  # [B, C, F, H, W]; no temporal patching
+        if x is None or x.dim() != 5:
+            return None
+        p = model.config.patch_size
+        _, _, f, h, w = x.shape
+        return VideoLayout(f, h // p, w // p)

@@ -1,0 +1,189 @@
+"""Qwen-Image (T2I, edit, layered): sparse joint attention over [text, image] in every dual-stream block.
+
+Every block is an MMDiT block whose single attention module projects text and image separately and
+attends over the concatenation [text, image]. Qwen-Image is an image model: the grid is frames x rows x
+cols with one "frame" per image in `img_shapes` (the edit and layered pipelines append reference images,
+which RoPE places at the next frame indices).
+
+Padded text: the model hands every block the same boolean [B, T] text mask (valid tokens True) and the
+processor turns it into a [B, 1, 1, T + N] key mask. A block plan cannot express the mask, so when every
+row's valid text is the same prefix [0, L) (what the pipelines make for one prompt per forward; they pass
+no mask at all when nothing is padded), the padded text tokens are cut out: [valid text, image] goes
+through the core, and the padded text queries attend to the kept keys densely. Both equal the masked
+attention exactly. Any other mask goes to the core, which then runs dense with a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenDoubleStreamAttnProcessor2_0,
+    apply_rotary_emb_qwen,
+)
+
+from dit_sparse.layout import VideoLayout
+from dit_sparse.parallel import root_split_factor
+
+from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
+from .hunyuan_video import KeyPaddingTrim
+
+
+class QwenImageSparseAttnProcessor(SparseProcessorMixin, QwenDoubleStreamAttnProcessor2_0):
+    """Diffusers' Qwen-Image double-stream processor with the joint attention routed through the sparse core."""
+
+    def __init__(
+        self,
+        core,
+        layer: int,
+        name: str,
+        original: QwenDoubleStreamAttnProcessor2_0 | None = None,
+        trim: KeyPaddingTrim | None = None,
+    ) -> None:
+        super().__init__()
+        self._bind(core, layer, name, original)
+        self.trim = trim if trim is not None else KeyPaddingTrim()
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if encoder_hidden_states is None or attention_mask is not None:
+            # Diffusers rejects both; let it raise its own errors.
+            return super().__call__(
+                attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
+                image_rotary_emb,
+            )
+        joint_mask = None
+        if encoder_hidden_states_mask is not None:
+            image_mask = hidden_states.new_ones(hidden_states.shape[:2], dtype=torch.bool)
+            joint_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+        seq_txt = encoder_hidden_states.shape[1]
+
+        # Heads from a fixed head_dim with -1 for the count, as Diffusers does (tensor-parallel shards).
+        head_dim = attn.inner_dim // attn.heads
+        img_query = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
+        img_key = attn.to_k(hidden_states).unflatten(-1, (-1, head_dim))
+        img_value = attn.to_v(hidden_states).unflatten(-1, (-1, head_dim))
+        txt_query = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        txt_key = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        txt_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+        if attn.norm_q is not None:
+            img_query = attn.norm_q(img_query)
+        if attn.norm_k is not None:
+            img_key = attn.norm_k(img_key)
+        if attn.norm_added_q is not None:
+            txt_query = attn.norm_added_q(txt_query)
+        if attn.norm_added_k is not None:
+            txt_key = attn.norm_added_k(txt_key)
+
+        # RoPE per stream before the concatenation: image freqs from img_shapes, text freqs continue after
+        # the largest image index.
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
+            img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
+            txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
+            txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+
+        query = torch.cat([txt_query, img_query], dim=1)
+        key = torch.cat([txt_key, img_key], dim=1)
+        value = torch.cat([txt_value, img_value], dim=1)
+
+        out = self._attend_joint(query, key, value, joint_mask, encoder_hidden_states_mask, seq_txt)
+        out = out.flatten(2, 3).to(query.dtype)
+
+        txt_out, img_out = out[:, :seq_txt], out[:, seq_txt:]
+        img_out = attn.to_out[0](img_out.contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        txt_out = attn.to_add_out(txt_out.contiguous())
+        return img_out, txt_out
+
+    def _attend_joint(self, query, key, value, joint_mask, text_mask, seq_txt: int) -> torch.Tensor:
+        dense = self._dense_attention(query, key, value, joint_mask)
+        valid = None
+        # Under context parallelism each rank holds a shard, so the padded text cannot be cut out here.
+        if text_mask is not None and self._parallel_config is None and not self.core.config.is_dense:
+            valid = self.trim.valid_length(text_mask, seq_txt)
+        if valid is None:
+            return self.core.attend(
+                query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=True,
+                attention_mask=joint_mask, parallel_config=self._parallel_config,
+            )
+        if valid == seq_txt:  # the mask keeps every key
+            return self.core.attend(
+                query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=True,
+            )
+        q, k, v = (torch.cat([t[:, :valid], t[:, seq_txt:]], dim=1) for t in (query, key, value))
+        out = self.core.attend(q, k, v, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=True)
+        if out.shape[1] == query.shape[1]:  # the core ran `dense` on the full, masked sequence
+            return out
+        # Padded text queries still attend to every kept key in the original model.
+        tail = dispatch_attention_fn(
+            query[:, valid:seq_txt], k, v, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
+        return torch.cat([out[:, :valid], tail.to(out.dtype), out[:, valid:]], dim=1)
+
+
+def _image_grid(img_shapes, image_tokens: int) -> tuple[int, int, int] | None:
+    """(frames, rows, cols) of one sample's `img_shapes`, or None when no single grid accounts for the tokens.
+
+    Several images of one size (the edit pipelines' reference images, the layered pipeline's layers) are
+    stacked as frames, as RoPE numbers them; images of different sizes have no common grid.
+    """
+    if not img_shapes:
+        return None
+    shapes = img_shapes[0]  # one entry per sample; the pipelines give every sample the same shapes
+    if isinstance(shapes, tuple):
+        shapes = [shapes]
+    try:
+        sizes = [tuple(int(s) for s in shape) for shape in shapes]
+    except (TypeError, ValueError):
+        return None
+    if not sizes or any(len(s) != 3 for s in sizes) or len({s[1:] for s in sizes}) != 1:
+        return None
+    frames = sum(s[0] for s in sizes)
+    rows, cols = sizes[0][1:]
+    return (frames, rows, cols) if frames * rows * cols == image_tokens and min(frames, rows, cols) > 0 else None
+
+
+@register_adapter
+class QwenImageAdapter(ModelAdapter):
+    family = "qwen_image"
+    timestep_index = 3  # forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, ...)
+    transformer_classes = ("QwenImageTransformer2DModel",)
+    facts = ModelFacts(
+        family="Qwen-Image (T2I, edit / edit-plus, layered; image model, grid frames x rows x cols with one "
+        "frame per same-sized image)",
+        text="joint, text first: [text, image] in every dual-stream block; padded text keys masked",
+        rope="complex 3-axis RoPE inside the processor after the head split and q/k RMSNorm, separately on "
+        "image (from img_shapes) and text (positions after the largest image index), before concatenation",
+        heads="(B, S, H, D) after unflatten by head_dim; dispatched through dispatch_attention_fn",
+    )
+    text_first = True
+
+    def __init__(self) -> None:
+        self._trim = KeyPaddingTrim()  # one mask analysis per forward, shared by every layer
+
+    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+        for i, block in enumerate(model.transformer_blocks):
+            yield f"transformer_blocks.{i}.attn", block.attn
+
+    def make_processor(self, original, core, layer: int, name: str):
+        return QwenImageSparseAttnProcessor(core, layer, name, original, self._trim)
+
+    def layout(self, model, args, kwargs) -> VideoLayout | None:
+        x = arg(args, kwargs, "hidden_states", 0)  # packed latents [B, S, C]
+        if x is None or x.dim() != 3:
+            return None
+        grid = _image_grid(arg(args, kwargs, "img_shapes", 4), x.shape[1] * root_split_factor(model))
+        return VideoLayout(*grid) if grid is not None else None
