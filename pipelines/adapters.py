@@ -103,7 +103,7 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 def _load_builtin_adapters() -> None:
     from . import wan  # noqa: F401
 
-    for mod in ("hunyuan_video", "cogvideox", "ltx_video", "flux"):
+    for mod in ("hunyuan_video", "cogvideox", "ltx_video", "flux", "skyreels_v2", "wan_animate", "chronoedit"):
         try:
             __import__(f"dit_sparse.pipelines.{mod}")
         except ModuleNotFoundError as exc:
