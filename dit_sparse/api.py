@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,35 +12,47 @@ import torch
 from .config import ConfigError, SparseConfig, WarmupConfig, check_sparsity
 from .core import SparseAttentionCore
 from .method import build_method
+from .stats import SparsityStats
 from .tracking import StepTracker, attach_tracker, detach_tracker
 
 _HANDLE_ATTR = "_dit_sparse_handle"
 
+# Pipeline attributes that hold a denoiser, in the order the denoising loop first uses them. Wan 2.2 A14B
+# pipelines carry a second expert, `transformer_2`, for the low-noise steps (`boundary_ratio` switches).
+DENOISER_ATTRS = ("transformer", "transformer_2")
 
-def _transformer_of(target: Any) -> torch.nn.Module:
-    """The denoiser of a pipeline, or the module itself."""
+
+def _denoisers_of(target: Any) -> list[tuple[str, torch.nn.Module]]:
+    """(attribute name, module) of every denoiser of a pipeline; a bare module is its own one denoiser."""
     if isinstance(target, torch.nn.Module):
-        return target
-    model = getattr(target, "transformer", None)
-    if isinstance(model, torch.nn.Module):
-        return model
-    raise ConfigError(
-        f"dit_sparse.apply expects a Diffusers pipeline with a `.transformer` or a transformer model, "
-        f"got {type(target).__name__}"
-    )
+        return [("transformer", target)]
+    found: list[tuple[str, torch.nn.Module]] = []
+    for attr in DENOISER_ATTRS:
+        model = getattr(target, attr, None)
+        # The same module registered twice is one expert: its processors can be swapped only once.
+        if isinstance(model, torch.nn.Module) and all(model is not m for _, m in found):
+            found.append((attr, model))
+    if not found:
+        raise ConfigError(
+            f"dit_sparse.apply expects a Diffusers pipeline with a `.transformer` or a transformer model, "
+            f"got {type(target).__name__}"
+        )
+    return found
 
 
-class SparseHandle:
-    """What `apply` returns: the live configuration, statistics, and the way back (`remove`)."""
+@dataclass
+class ExpertHandle:
+    """One denoiser's share of an `apply`: its processors, step tracker, method state and statistics.
 
-    def __init__(self, transformer: torch.nn.Module, config: SparseConfig, core: SparseAttentionCore,
-                 originals: dict[str, tuple[torch.nn.Module, Any]], adapter: Any) -> None:
-        self.transformer = transformer
-        self.config = config
-        self.core = core
-        self.adapter = adapter
-        self._originals = originals
-        self.active = True
+    Experts share nothing at run time: Wan 2.2's high- and low-noise experts have different weights, so
+    a plan, cache or head classification learnt on one would be wrong for the other.
+    """
+
+    name: str  # the pipeline attribute ("transformer", "transformer_2"); "transformer" for a bare model
+    transformer: torch.nn.Module
+    core: SparseAttentionCore
+    adapter: Any
+    originals: dict[str, tuple[torch.nn.Module, Any]]
 
     @property
     def method(self):
@@ -49,28 +62,74 @@ class SparseHandle:
     def tracker(self) -> StepTracker:
         return self.core.tracker
 
-    def stats(self) -> dict[str, float | int]:
-        """Achieved sparsity and call counts since the last `reset()` (one host sync)."""
-        return self.core.stats.summary()
+
+class SparseHandle:
+    """What `apply` returns: the live configuration, statistics, and the way back (`remove`).
+
+    `transformer`, `core`, `adapter`, `method` and `tracker` are the first denoiser's (`pipe.transformer`
+    when the pipeline has one); `experts` maps every sparsified denoiser's attribute name to its own
+    `ExpertHandle`.
+    """
+
+    def __init__(self, config: SparseConfig, experts: list[ExpertHandle]) -> None:
+        if not experts:
+            raise ValueError("a SparseHandle needs at least one expert")
+        self.config = config
+        self.experts: dict[str, ExpertHandle] = {e.name: e for e in experts}
+        self.active = True
+
+    @property
+    def _primary(self) -> ExpertHandle:
+        return next(iter(self.experts.values()))
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self._primary.transformer
+
+    @property
+    def core(self) -> SparseAttentionCore:
+        return self._primary.core
+
+    @property
+    def adapter(self) -> Any:
+        return self._primary.adapter
+
+    @property
+    def method(self):
+        return self._primary.method
+
+    @property
+    def tracker(self) -> StepTracker:
+        return self._primary.tracker
+
+    def stats(self) -> dict[str, Any]:
+        """Achieved sparsity and call counts since the last `reset()` (one host sync per expert).
+
+        With one denoiser: `sparse_calls`, `dense_calls`, `fallback_calls`, `sparsity_in_sparse_calls`,
+        `sparsity_overall`. With several (Wan 2.2 A14B) the same keys cover all experts together (pairs
+        added up, not sparsities averaged) and `experts` maps each expert's name to its own figures.
+        """
+        if len(self.experts) == 1:
+            return self._primary.core.stats.summary()
+        combined: dict[str, Any] = SparsityStats.merged(e.core.stats for e in self.experts.values()).summary()
+        combined["experts"] = {name: e.core.stats.summary() for name, e in self.experts.items()}
+        return combined
 
     def reset(self) -> None:
         """Forget caches and statistics: the next forward starts a new generation."""
-        self.core.tracker.new_generation()
-        self.core.stats.reset()
+        for expert in self.experts.values():
+            expert.tracker.new_generation()
+            expert.core.stats.reset()
 
     def remove(self) -> None:
-        """Restore the original processors and detach the step tracker. Idempotent."""
+        """Restore the original processors and detach the step trackers of every expert. Idempotent."""
         if not self.active:
             return
-        for module, processor in self._originals.values():
-            # enable_parallelism() after apply() configured only the sparse processor: hand its config back.
-            current = module.get_processor() if hasattr(module, "get_processor") else module.processor
-            if getattr(current, "_parallel_config", None) is not None and hasattr(processor, "_parallel_config"):
-                processor._parallel_config = current._parallel_config
-            module.set_processor(processor)
-        detach_tracker(self.transformer)
-        if getattr(self.transformer, _HANDLE_ATTR, None) is self:
-            delattr(self.transformer, _HANDLE_ATTR)
+        for expert in self.experts.values():
+            _restore(expert.originals)
+            detach_tracker(expert.transformer)
+            if getattr(expert.transformer, _HANDLE_ATTR, None) is self:
+                delattr(expert.transformer, _HANDLE_ATTR)
         self.active = False
 
     def __enter__(self) -> SparseHandle:
@@ -81,8 +140,45 @@ class SparseHandle:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
+        layers = sum(len(e.originals) for e in self.experts.values())
+        experts = "" if len(self.experts) == 1 else f", experts={list(self.experts)}"
         return (f"SparseHandle({self.config.method!r}, sparsity={self.config.sparsity}, "
-                f"layers={len(self._originals)}, {state})")
+                f"layers={layers}{experts}, {state})")
+
+
+def _restore(originals: dict[str, tuple[torch.nn.Module, Any]]) -> None:
+    for module, processor in originals.values():
+        # enable_parallelism() after apply() configured only the sparse processor: hand its config back.
+        current = module.get_processor() if hasattr(module, "get_processor") else module.processor
+        if getattr(current, "_parallel_config", None) is not None and hasattr(processor, "_parallel_config"):
+            processor._parallel_config = current._parallel_config
+        module.set_processor(processor)
+
+
+def _apply_to_expert(name: str, transformer: torch.nn.Module, adapter: Any, config: SparseConfig,
+                     num_steps: int | None, backend: str) -> ExpertHandle:
+    """Swap sparse processors into one denoiser, with a method object, tracker and statistics of its own."""
+    method_obj, _ = build_method(config.method, float(config.sparsity), config.options)
+    modules = list(adapter.self_attention_modules(transformer))
+    link = method_obj
+    while link is not None:  # methods that depend on the model (e.g. a calibration file) check it here
+        if hasattr(link, "bind_model"):
+            link.bind_model(transformer, [layer_name for layer_name, _ in modules])
+        link = link.base
+    tracker = StepTracker(num_steps=num_steps)
+    tracker.model_family = adapter.family
+    core = SparseAttentionCore(config, method_obj, tracker, num_layers=len(modules), backend=backend)
+    originals: dict[str, tuple[torch.nn.Module, Any]] = {}
+    try:
+        for layer, (layer_name, module) in enumerate(modules):
+            original = module.get_processor() if hasattr(module, "get_processor") else module.processor
+            originals[layer_name] = (module, original)
+            module.set_processor(adapter.make_processor(original, core, layer, layer_name))
+        attach_tracker(transformer, tracker, adapter.layout, adapter.timestep)
+    except Exception:
+        _restore(originals)
+        raise
+    return ExpertHandle(name, transformer, core, adapter, originals)
 
 
 def apply(
@@ -98,12 +194,18 @@ def apply(
 ) -> SparseHandle:
     """Swap sparse attention processors into a Diffusers pipeline or transformer.
 
+    Every denoiser of a pipeline is made sparse: `pipe.transformer` and, in Wan 2.2 A14B pipelines, the
+    low-noise expert `pipe.transformer_2`. Each expert gets its own processors, step tracker, method
+    state (caches, plans) and statistics.
+
     Args:
-        target: a pipeline with `.transformer` or a supported transformer model.
+        target: a pipeline with `.transformer` (and optionally `.transformer_2`) or a supported transformer.
         method: a method name from `dit_sparse.available_methods()`; `"a+b"` composes (b refines a).
         sparsity: fraction of query-key pairs skipped in sparse steps and layers, in [0, 1); 0 is dense.
-        warmup_steps: fraction (< 1) or count (>= 1) of leading denoising steps that stay dense.
-        warmup_layers: number of leading self-attention layers that stay dense.
+        warmup_steps: fraction (< 1) or count (>= 1) of leading denoising steps that stay dense. Steps are
+            the pipeline's (Wan passes its global step index to both experts), so the low-noise expert is
+            not warmed up again.
+        warmup_layers: number of leading self-attention layers that stay dense (per expert).
         num_steps: total denoising steps, if the pipeline does not report them.
         backend: kernel backend ("auto", "reference", or a registered GPU backend).
         **options: the method's own options (see each method's `Config`).
@@ -114,49 +216,40 @@ def apply(
     from dit_sparse.kernels import check_backend
     from dit_sparse.pipelines.adapters import get_adapter
 
-    transformer = _transformer_of(target)
-    if getattr(transformer, _HANDLE_ATTR, None) is not None:
+    denoisers = _denoisers_of(target)
+    if any(getattr(m, _HANDLE_ATTR, None) is not None for _, m in denoisers):
         raise ConfigError("dit-sparse is already applied to this transformer; call dit_sparse.remove() first")
     check_sparsity(sparsity)
     # A misspelt backend would otherwise surface only at the first sparse attention call, mid-generation.
     check_backend(backend)
-    adapter = get_adapter(transformer)
+    adapters = [get_adapter(m) for _, m in denoisers]  # every expert supported before anything is swapped
+    build_method(method, float(sparsity), options)  # bad method names or options fail here, not mid-way
     warmup = WarmupConfig(steps=warmup_steps, layers=warmup_layers)
-    method_obj, _ = build_method(method, float(sparsity), options)
     config = SparseConfig(method=method, sparsity=sparsity, warmup=warmup, options=options)
-    modules = list(adapter.self_attention_modules(transformer))
-    link = method_obj
-    while link is not None:  # methods that depend on the model (e.g. a calibration file) check it here
-        if hasattr(link, "bind_model"):
-            link.bind_model(transformer, [name for name, _ in modules])
-        link = link.base
-    tracker = StepTracker(num_steps=num_steps)
-    tracker.model_family = adapter.family
-    core = SparseAttentionCore(config, method_obj, tracker, num_layers=len(modules), backend=backend)
-    originals: dict[str, tuple[torch.nn.Module, Any]] = {}
+    experts: list[ExpertHandle] = []
     try:
-        for layer, (name, module) in enumerate(modules):
-            original = module.get_processor() if hasattr(module, "get_processor") else module.processor
-            originals[name] = (module, original)
-            module.set_processor(adapter.make_processor(original, core, layer, name))
-        attach_tracker(transformer, tracker, adapter.layout, adapter.timestep)
+        for (name, model), adapter in zip(denoisers, adapters):
+            experts.append(_apply_to_expert(name, model, adapter, config, num_steps, backend))
     except Exception:
-        for module, processor in originals.values():
-            module.set_processor(processor)
+        for expert in experts:  # all or nothing: an expert that failed must not leave the others sparse
+            _restore(expert.originals)
+            detach_tracker(expert.transformer)
         raise
-    handle = SparseHandle(transformer, config, core, originals, adapter)
-    setattr(transformer, _HANDLE_ATTR, handle)
+    handle = SparseHandle(config, experts)
+    for expert in experts:
+        setattr(expert.transformer, _HANDLE_ATTR, handle)
     return handle
 
 
 def remove(target: Any) -> None:
-    """Undo `apply` on a pipeline, transformer or handle (a no-op when nothing is applied)."""
+    """Undo `apply` on a pipeline (every expert), transformer or handle (a no-op when nothing is applied)."""
     if isinstance(target, SparseHandle):
         target.remove()
         return
-    handle = getattr(_transformer_of(target), _HANDLE_ATTR, None)
-    if handle is not None:
-        handle.remove()
+    for _, model in _denoisers_of(target):
+        handle = getattr(model, _HANDLE_ATTR, None)
+        if handle is not None:
+            handle.remove()
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,24 @@ class SparsityStats:
             "sparsity_in_sparse_calls": sparse,
             "sparsity_overall": overall,
         }
+
+    @classmethod
+    def merged(cls, parts: Iterable[SparsityStats]) -> SparsityStats:
+        """One account of several (e.g. the experts of a Wan 2.2 pipeline): counts and pairs added up.
+
+        The device counters are added, not read, so merging costs no host sync (`summary` syncs once).
+        """
+        out = cls()
+        for part in parts:
+            out.sparse_calls += part.sparse_calls
+            out.dense_calls += part.dense_calls
+            out.fallback_calls += part.fallback_calls
+            out._sparse_total += part._sparse_total
+            out._dense_total += part._dense_total
+            for device, computed in part._computed.items():
+                acc = out._computed.get(device)
+                out._computed[device] = computed.clone() if acc is None else acc + computed
+        return out
 
     def reset(self) -> None:
         self.sparse_calls = self.dense_calls = self.fallback_calls = 0

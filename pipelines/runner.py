@@ -108,7 +108,8 @@ def timed_generation(loaded: LoadedModel, prompt: str, seed: int, device: torch.
                               warmup_layers=settings.warmup_layers, num_steps=settings.steps,
                               backend=settings.backend, **opts)
     timer = AttentionTimer(device)
-    handle.core.timer = timer.section
+    for expert in handle.experts.values():  # Wan 2.2 A14B: both experts' attention is timed
+        expert.core.timer = timer.section
     try:
         if warm_run:
             loaded.call(prompt, 2 if device.type == "cuda" else 1, seed)

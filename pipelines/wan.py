@@ -1,8 +1,13 @@
-"""Wan 2.1 / 2.2 (T2V, I2V): sparse self-attention (`attn1`); text cross-attention (`attn2`) stays dense."""
+"""Wan 2.1 / 2.2 (T2V, I2V) and Wan VACE: sparse self-attention (`attn1`); cross-attention stays dense.
+
+`WanStyleSparseProcessor` is the self-attention of Diffusers' `WanAttnProcessor`; SkyReels-V2, Wan
+Animate and ChronoEdit ship copies of that processor under their own classes and reuse it from here.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
@@ -23,17 +28,24 @@ def _apply_wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.T
     return out.type_as(x)
 
 
-class WanSparseAttnProcessor(SparseProcessorMixin, WanAttnProcessor):
-    """Diffusers' Wan processor with the self-attention call routed through the sparse core."""
+class WanStyleSparseProcessor(SparseProcessorMixin):
+    """Wan's self-attention (RMSNorm across heads, head split, interleaved 3D RoPE) through the sparse core.
 
-    def __init__(self, core, layer: int, name: str, original: WanAttnProcessor | None = None) -> None:
+    Mixed in front of a family's Diffusers processor class (Wan's or one of its copies), which still
+    handles cross-attention calls. `_qkv_projections` is that family's own projection helper, so fused
+    projections follow the family's rule exactly.
+    """
+
+    _qkv_projections: ClassVar[Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+    def __init__(self, core: Any, layer: int, name: str, original: Any = None) -> None:
         super().__init__()
         self._bind(core, layer, name, original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None:  # never reached for attn1; keeps the class a drop-in
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key, value = type(self)._qkv_projections(attn, hidden_states, None)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
@@ -41,10 +53,17 @@ class WanSparseAttnProcessor(SparseProcessorMixin, WanAttnProcessor):
             query = _apply_wan_rope(query, *rotary_emb)
             key = _apply_wan_rope(key, *rotary_emb)
 
+        # SkyReels-V2 diffusion forcing passes a block-causal mask here: the core runs it dense.
         out = self._attend(query, key, value, attention_mask)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+class WanSparseAttnProcessor(WanStyleSparseProcessor, WanAttnProcessor):
+    """Diffusers' Wan processor with the self-attention call routed through the sparse core."""
+
+    _qkv_projections = staticmethod(_get_qkv_projections)
 
 
 @register_adapter
@@ -52,7 +71,7 @@ class WanAdapter(ModelAdapter):
     family = "wan"
     transformer_classes = ("WanTransformer3DModel",)
     facts = ModelFacts(
-        family="Wan 2.1/2.2 (T2V, I2V)",
+        family="Wan 2.1/2.2 (T2V, I2V; A14B experts each get their own processors)",
         text="cross-attention (attn2, stays dense); I2V image tokens also go through attn2",
         rope="3D RoPE inside the processor after the head split, on q and k",
         heads="(B, S, H, D) after unflatten; dispatched through dispatch_attention_fn",
@@ -67,9 +86,30 @@ class WanAdapter(ModelAdapter):
         return WanSparseAttnProcessor(core, layer, name, original)
 
     def layout(self, model, args, kwargs) -> VideoLayout | None:
+        """Grid of the 5D latent [B, C, F, H, W] divided by the patch size; tokens are frame-major."""
         x = arg(args, kwargs, "hidden_states", 0)
         if x is None or x.dim() != 5:
             return None
         pt, ph, pw = model.config.patch_size
         _, _, f, h, w = x.shape
         return VideoLayout(f // pt, h // ph, w // pw)
+
+
+@register_adapter
+class WanVACEAdapter(WanAdapter):
+    family = "wan_vace"
+    transformer_classes = ("WanVACETransformer3DModel",)
+    facts = ModelFacts(
+        family="Wan VACE (2.1 / 2.2: control, inpainting, reference-to-video)",
+        text="cross-attention (attn2, stays dense) in the backbone and in the VACE control blocks",
+        rope="Wan's 3D RoPE; the control branch reuses the backbone's rotary table (same frame-major grid: "
+             "control latents are zero-padded to the video length)",
+        heads="(B, S, H, D) after unflatten; Wan's own WanAttnProcessor in blocks and vace_blocks",
+    )
+
+    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+        # The VACE blocks run first in a forward, but the backbone is listed first so its layer indices
+        # (warm-up layers, per-layer seeds) are those of the Wan model it was built on.
+        yield from super().self_attention_modules(model)
+        for i, block in enumerate(model.vace_blocks):
+            yield f"vace_blocks.{i}.attn1", block.attn1
