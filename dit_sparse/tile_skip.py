@@ -51,8 +51,10 @@ class TileSkipConfig:
     recheck_every: every query range is recomputed over the full base plan at least once per this many
         calls (0 = never re-verify, as LiteAttention; 1 = recompute everything every call).
     max_skip: cap on the share of each query range's base tiles that may be skipped, in [0, 1).
-    drift_threshold: for base plans with data-dependent ranges, drop a (batch, head)'s cache when more
-        than this share of tokens must have changed range since the previous call (range sizes moved).
+    drift_threshold: for base plans whose ranges can change membership (a token order or variable
+        ranges): ranges whose set of tokens changed since the previous call lose their cached skips (rows
+        and columns); a (batch, head) where more than this share of query or key ranges changed drops its
+        whole cache.
     calibration: JSON file from `dit_sparse.skip_calibration` giving `tol` per layer.
     """
 
@@ -103,7 +105,10 @@ def skip_cache_bytes(
     batch: int = 1,
     variable_ranges: bool = False,
 ) -> int:
-    """Persistent GPU bytes of the skip cache for a whole model (bits + per-row budget [+ range sizes]).
+    """Persistent GPU bytes of the skip cache for a whole model (bits + per-row budget [+ range hashes]).
+
+    `variable_ranges`: the base plan's ranges can change membership (a token order or variable ranges),
+    so an int64 membership hash per query and key range is kept too.
 
     Wan2.1-14B 720p (40 layers, 40 heads, 75,600 tokens, 64-token tiles, CFG): 1182 x 148 bytes of bits
     plus 4 bytes of budget per query range -> 575 MB, 0.72% of 80 GB.
@@ -111,8 +116,8 @@ def skip_cache_bytes(
     n = -(-tokens // block)
     rows = num_layers * branches * batch * heads * n
     total = rows * (-(-n // 8)) + rows * 4
-    if variable_ranges:  # int32 sizes of the previous call's query and key ranges
-        total += num_layers * branches * batch * heads * 2 * n * 4
+    if variable_ranges:  # int64 membership hashes of the previous call's query and key ranges
+        total += num_layers * branches * batch * heads * 2 * n * 8
     return total
 
 
@@ -173,21 +178,35 @@ class SkipState:
     bits: Tensor | None = None  # uint8 [B, H, NQ, ceil(NK / 8)]
     budget: Tensor | None = None  # float32 [B, H, NQ]: summed bounds of the skipped tiles
     shape: tuple | None = None  # (B, H, NQ, NK, device) the cache was built for
-    q_len: Tensor | None = None  # int32 [B, H, NQ], only for data-dependent ranges
-    k_len: Tensor | None = None
+    q_hash: Tensor | None = None  # int64 [B, H, NQ] membership hash of each query range (ranges that move)
+    k_hash: Tensor | None = None  # int64 [B, H, NK]
     calls: int = 0
     pending: dict[str, Any] | None = field(default=None, repr=False)
 
     def clear(self) -> None:
-        self.bits = self.budget = self.shape = self.q_len = self.k_len = None
+        self.bits = self.budget = self.shape = self.q_hash = self.k_hash = None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.bits, self.budget, self.q_len, self.k_len)
+        return sum(t.numel() * t.element_size() for t in (self.bits, self.budget, self.q_hash, self.k_hash)
                    if t is not None)
 
 
-def _range_lengths(offsets: Tensor) -> Tensor:
-    return (offsets[..., 1:] - offsets[..., :-1]).to(torch.int32)
+_HASH_MUL, _HASH_MOD = 2654435761, 2**31 - 1
+
+
+def range_hashes(offsets: Tensor, perm: Tensor | None, seq_len: int) -> Tensor:
+    """int64 [B, H, N]: a hash of the set of original tokens in each range of a plan order.
+
+    Each token gets a pseudo-random value below 2^31 and a range's hash is their sum (order-free), taken
+    as a difference of prefix sums: equal sets give equal hashes, and a changed set collides only by
+    chance. Sums stay far below 2^63 for any sequence length.
+    """
+    B, H = offsets.shape[:2]
+    tok = torch.arange(seq_len, device=offsets.device).expand(B, H, seq_len) if perm is None else perm.long()
+    cum = torch.cumsum((tok + 1) * _HASH_MUL % _HASH_MOD, -1)
+    cum = torch.cat([torch.zeros_like(cum[..., :1]), cum], -1)
+    off = offsets.long()
+    return torch.gather(cum, 2, off[..., 1:]) - torch.gather(cum, 2, off[..., :-1])
 
 
 # ---------------------------------------------------------------------------------------------- method
@@ -327,21 +346,29 @@ class TileSkipCache(SparseMethod):
         state.budget = torch.cat(budget, 1)
 
     def _sync(self, state: SkipState, plan: BlockPlan, shape: tuple) -> None:
-        """Drop the cache when the plan's shape changed, or per (batch, head) when its ranges drifted."""
+        """Drop the cache when the plan's shape changed; forget the skips of ranges whose tokens changed.
+
+        Fixed blocks in natural order cannot change membership. Otherwise (a token order, e.g. semantic's
+        clusters, or variable ranges) every range's membership hash is compared with the previous call's:
+        a changed query range loses its row of skips, a changed key range its column, and a (batch, head)
+        where more than `drift_threshold` of the ranges changed loses everything. All on the device.
+        """
         if state.shape != shape:
             state.clear()
             state.shape = shape
-        if plan.block_size is not None:  # fixed blocks: ranges cannot drift
+        if plan.block_size is not None and plan.q_perm is None and plan.k_perm is None:
             return
-        q_len, k_len = _range_lengths(plan.q_offsets), _range_lengths(plan.k_offsets)
-        if state.q_len is not None and state.bits is not None:
-            # sum |size change| / 2 tokens at least changed range (a lower bound on membership churn).
-            dq = (q_len - state.q_len).abs().sum(-1).float() / (2.0 * max(plan.seq_len_q, 1))
-            dk = (k_len - state.k_len).abs().sum(-1).float() / (2.0 * max(plan.seq_len_k, 1))
-            stale = torch.maximum(dq, dk) > self.options.drift_threshold  # [B, H]
-            state.bits = torch.where(stale[..., None, None], torch.zeros_like(state.bits), state.bits)
-            state.budget = torch.where(stale[..., None], torch.zeros_like(state.budget), state.budget)
-        state.q_len, state.k_len = q_len, k_len
+        q_hash = plan.cached("skip.q_hash", lambda: range_hashes(plan.q_offsets, plan.q_perm, plan.seq_len_q))
+        k_hash = plan.cached("skip.k_hash", lambda: range_hashes(plan.k_offsets, plan.k_perm, plan.seq_len_k))
+        if state.q_hash is not None and state.bits is not None:
+            moved_q, moved_k = q_hash != state.q_hash, k_hash != state.k_hash  # [B, H, NQ], [B, H, NK]
+            stale = torch.maximum(moved_q.float().mean(-1), moved_k.float().mean(-1)) > self.options.drift_threshold
+            moved_q = moved_q | stale[..., None]
+            keep = ~(moved_q[..., None] | moved_k[:, :, None, :])  # [B, H, NQ, NK]
+            state.bits = pack_bits(unpack_bits(state.bits, shape[3]) & keep)
+            # Skips dropped from a row only lower its true skipped mass: the budget stays an upper bound.
+            state.budget = torch.where(moved_q, torch.zeros_like(state.budget), state.budget)
+        state.q_hash, state.k_hash = q_hash, k_hash
 
     # -------------------------------------------------------------------- statistics
     def _count(self, layer_name: str | None, base_counts: Tensor, exec_counts: Tensor) -> None:

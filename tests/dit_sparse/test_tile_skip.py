@@ -313,3 +313,54 @@ def test_full_plus_skip_on_tiny_wan_skips_on_concentrated_attention(coherent_tin
     assert set(skip["per_layer"]) == {"blocks.0.attn1", "blocks.1.attn1"}
     assert _rel_err(outs[0], ref[0]) < 1e-4  # first call runs the full base plan
     assert max(_rel_err(o, r) for o, r in zip(outs, ref)) < 0.02
+
+
+class _PermutedBlocks(SparseMethod):
+    """Test base: fixed 64-token blocks over a token order that the test can change (like semantic's
+    cluster-sorted blocks), every pair selected."""
+
+    name = "_permuted_blocks"
+    Config = _RaggedConfig
+
+    def __init__(self, sparsity, options, perm):
+        super().__init__(sparsity, options)
+        self.perm = perm
+
+    def plan(self, q, k, v, ctx):
+        B, H, S, _ = q.shape
+        n = -(-S // BLOCK)
+        mask = torch.ones(B, H, n, n, dtype=torch.bool)
+        p = self.perm.expand(B, H, S)
+        return BlockPlan.from_block_mask(mask, BLOCK, S, q_perm=p, k_perm=p)
+
+
+def test_membership_changes_at_constant_sizes_forget_exactly_the_moved_ranges():
+    from dit_sparse.tile_skip import range_hashes
+
+    q, k, v, _ = _clustered_qkv(B=1, H=1, S=512, sharp=2.0, seed=11)
+    g = torch.Generator().manual_seed(0)
+    # Whole 64-token tiles in a shuffled order: each plan block is one concentrated tile of the inputs.
+    perm = (torch.randperm(8, generator=g)[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)
+    base = _PermutedBlocks(0.5, _RaggedConfig(), perm)
+    method = TileSkipCache(0.5, TileSkipConfig(tol=0.2, recheck_every=0, drift_threshold=0.5), base=base)
+    ctx = _ctx({})
+    _call(method, q, k, v, ctx)
+    _call(method, q, k, v, ctx)
+    state = ctx.state[STATE_KEY]
+    before = unpack_bits(state.bits, 8)
+    assert bool(before[0, 0, 2].any()) and bool(before[:, :, :, 5].any())  # skips in row 2 and column 5
+    # Swap one token of block 2 with one of block 5: sizes unchanged, two ranges change membership.
+    moved = perm.clone()
+    moved[2 * BLOCK], moved[5 * BLOCK] = perm[5 * BLOCK], perm[2 * BLOCK]
+    old_h = range_hashes(torch.arange(0, 513, BLOCK, dtype=torch.int32).view(1, 1, -1), perm.view(1, 1, -1), 512)
+    new_h = range_hashes(torch.arange(0, 513, BLOCK, dtype=torch.int32).view(1, 1, -1), moved.view(1, 1, -1), 512)
+    assert (old_h != new_h).nonzero()[:, -1].tolist() == [2, 5]
+    base.perm = moved
+    refined = method.refine(base.plan(q, k, v, ctx), state, 0.2)
+    after = unpack_bits(state.bits, 8)
+    assert not after[0, 0, 2].any() and not after[0, 0, 5].any()  # moved query rows forgotten
+    assert not after[:, :, :, 2].any() and not after[:, :, :, 5].any()  # moved key columns forgotten
+    others = [i for i in range(8) if i not in (2, 5)]
+    kept = before[0, 0][others][:, others]
+    assert torch.equal(after[0, 0][others][:, others], kept)  # the rest of the cache is kept
+    assert bool(refined.block_mask()[0, 0, 2].all())  # the moved row runs its whole base plan
