@@ -13,7 +13,7 @@ from .config import ConfigError, SparseConfig, WarmupConfig, check_sparsity
 from .core import SparseAttentionCore
 from .method import build_method
 from .stats import SparsityStats
-from .tracking import StepTracker, attach_tracker, detach_tracker
+from .tracking import StepTracker, attach_tracker, check_detachable, detach_tracker
 
 _HANDLE_ATTR = "_dit_sparse_handle"
 
@@ -125,6 +125,8 @@ class SparseHandle:
         """Restore the original processors and detach the step trackers of every expert. Idempotent."""
         if not self.active:
             return
+        for expert in self.experts.values():  # all or nothing: check every expert before undoing any
+            check_detachable(expert.transformer)
         for expert in self.experts.values():
             _restore(expert.originals)
             detach_tracker(expert.transformer)

@@ -163,13 +163,65 @@ def attach_tracker(
         )
     hook = StepTrackingHook(tracker, layout_fn, timestep_fn)
     registry.register_hook(hook, HOOK_NAME)
+    # What the registry installed, to tell at removal whether something outside it (cache-dit patches
+    # `transformer.forward` directly) has replaced the forward since.
+    hook.installed_forward = transformer.__dict__.get("forward")
     # New stateful hook: the registry's cached list of children must be rebuilt.
     registry.invalidate_child_registries_cache()
     return hook
 
 
 def detach_tracker(transformer: torch.nn.Module) -> None:
+    """Remove the tracking hook from `transformer`, leaving every other hook on it working.
+
+    Hooks registered after ours wrap our forward. Diffusers' `remove_hook` (0.42) re-points the next
+    hook's `forward` at our inner forward, which is right for a plain pre/post hook but drops the
+    `new_forward` of a hook that has one (FasterCache's denoiser hook, TextKVCache's transformer hook):
+    that cache would silently stop working while still listed, and disabling it later would bring our
+    removed hook back into the forward chain. For such a hook the inner forward belongs in
+    `original_forward`, so it is put there and its `new_forward` restored.
+    """
     registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
-        registry.invalidate_child_registries_cache()
+    if registry is None or registry.get_hook(HOOK_NAME) is None:
+        return
+    check_detachable(transformer)
+    own_forward = _forward_is_own(transformer)
+    index = registry._hook_order.index(HOOK_NAME)
+    outer = registry._fn_refs[index + 1] if index + 1 < len(registry._fn_refs) else None
+    outer_new_forward = outer.forward if outer is not None and outer.original_forward is not None else None
+    registry.remove_hook(HOOK_NAME, recurse=False)
+    if outer_new_forward is not None:
+        outer.original_forward = outer.forward  # what remove_hook handed over: the forward we wrapped
+        outer.forward = outer_new_forward
+    if own_forward and not registry.hooks:
+        # A wrapper outside the registry put the class's own forward back (cache-dit's disable_cache):
+        # remove_hook just re-installed the forward we wrapped, i.e. that wrapper's stale one.
+        del transformer.forward
+    registry.invalidate_child_registries_cache()
+
+
+def _forward_is_own(transformer: torch.nn.Module) -> bool:
+    forward = transformer.__dict__.get("forward")
+    return forward is None or getattr(forward, "__func__", None) is type(transformer).forward
+
+
+def check_detachable(transformer: torch.nn.Module) -> None:
+    """Raise if the tracking hook cannot be removed without undoing someone else's forward wrapper.
+
+    Diffusers hooks registered after ours are re-linked by `remove_hook`, but a library that assigns
+    `transformer.forward` itself (cache-dit) after `apply` wraps the registry's forward; removing our
+    hook would re-install the forward from before that wrapper and silently drop it.
+    """
+    registry = getattr(transformer, "_diffusers_hook", None)
+    hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+    if hook is None or registry._hook_order[-1] != HOOK_NAME:
+        return  # not ours, or a later Diffusers hook owns the forward and remove_hook re-links it
+    forward = transformer.__dict__.get("forward")
+    if forward is getattr(hook, "installed_forward", forward) or _forward_is_own(transformer):
+        return
+    raise RuntimeError(
+        "dit-sparse cannot be removed: transformer.forward was replaced after dit_sparse.apply() by "
+        "something outside Diffusers' hook registry (e.g. cache_dit.enable_cache). Removing dit-sparse "
+        "would silently drop that wrapper. Enable such caches before dit_sparse.apply() and remove "
+        "dit-sparse before disabling them; a transformer wrapped in the other order must be reloaded."
+    )
