@@ -276,18 +276,19 @@ def permute_tokens(x: Tensor, perm: Tensor) -> Tensor:
     return row_view(x).index_select(0, rows.reshape(-1)).view(B, H, L, D)
 
 
-def storage_rows(x: Tensor, pos: Tensor) -> Tensor | None:
-    """Index of the storage row (of D values) holding x[b, h, pos[b, h, ...]] for x [B, H, S, D], or None
-    when x's strides are not whole rows."""
+def storage_rows(x: Tensor, pos: Tensor, b: Tensor | None = None, h: Tensor | None = None) -> Tensor | None:
+    """Index of the storage row (of D values) holding x[b, h, pos] for x [B, H, S, D], or None when x's
+    strides are not whole rows. `pos` is [B, H, ...] (then b, h are every batch and head), or any shape
+    with `b` and `h` broadcastable to it (e.g. one (batch, head) per work item)."""
     B, H, S, D = x.shape
     sb, sh, ss, sd = x.stride()
     if sd != 1 or sb % D or sh % D or ss % D:
         return None
-    dev = x.device
-    extra = (1,) * (pos.dim() - 2)
-    base = (torch.arange(B, device=dev) * (sb // D)).view(B, 1, *extra) + \
-        (torch.arange(H, device=dev) * (sh // D)).view(1, H, *extra)
-    return base + pos * (ss // D)
+    if b is None or h is None:
+        extra = (1,) * (pos.dim() - 2)
+        b = torch.arange(B, device=x.device).view(B, 1, *extra)
+        h = torch.arange(H, device=x.device).view(1, H, *extra)
+    return b * (sb // D) + h * (sh // D) + pos * (ss // D)
 
 
 def row_view(x: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dit_sparse.plan import BlockPlan, row_view
+from dit_sparse.plan import BlockPlan, row_view, storage_rows
 
 from .dispatch import Backend, register_backend
 from .result import AttentionResult
@@ -120,12 +120,8 @@ def _groups(plan: BlockPlan) -> list[_Group]:
 
 def _rows(x: Tensor, bh: Tensor, tok: Tensor) -> Tensor | None:
     """Storage row of x[b, h, tok] for x [B, H, S, D] (bh = b * H + h per item, tok [n, L]), or None."""
-    B, H, S, D = x.shape
-    sb, sh, ss, sd = x.stride()
-    if sd != 1 or sb % D or sh % D or ss % D:
-        return None
-    base = (bh // H) * (sb // D) + (bh % H) * (sh // D)
-    return base[:, None] + tok * (ss // D)
+    H = x.shape[1]
+    return storage_rows(x, tok, (bh // H)[:, None], (bh % H)[:, None])
 
 
 def _take(x: Tensor, bh: Tensor, tok: Tensor) -> Tensor:
