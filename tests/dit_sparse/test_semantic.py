@@ -51,6 +51,17 @@ def test_default_cluster_counts_scale_with_sequence_length():
     assert counts == sorted(counts)  # monotone in S
 
 
+def test_exact_cluster_layout_uses_fine_clusters_and_blocks_the_default_ones():
+    assert sem.fine_clusters(4096) == (128, 512)
+    assert sem.fine_clusters(200) == (8, 32) and sem.fine_clusters(20) == (8, 20)
+    assert sem.fine_clusters(10**6) == (256, 1024)
+    method, _ = build_method("semantic", 0.9, {})
+    assert method.cluster_counts(4096) == (128, 512)  # "auto": exact clusters below 8,192 tokens
+    assert method.cluster_counts(32760) == sem.default_clusters(32760)  # blocks layout above
+    forced, _ = build_method("semantic", 0.9, {"layout": "clusters", "num_k_clusters": 300})
+    assert forced.cluster_counts(32760) == (256, 300)  # explicit counts win
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sparsity", [0.75, 0.9])
 def test_plan_is_valid_and_meets_the_target_on_random_inputs(dtype, sparsity):
@@ -60,7 +71,7 @@ def test_plan_is_valid_and_meets_the_target_on_random_inputs(dtype, sparsity):
     plan = method.plan(q, k, v, _ctx())
     plan.validate()
     assert plan.q_perm.dtype == torch.int64 and plan.q_perm.shape == (B, H, S)
-    nq, nk = sem.default_clusters(S)
+    nq, nk = method.cluster_counts(S)
     assert plan.num_q_blocks == nq and plan.num_k_blocks == nk
     # At most one key cluster per query cluster above the budget (the floor), and not far below it.
     k_len = (plan.k_offsets[..., 1:] - plan.k_offsets[..., :-1]).long()
