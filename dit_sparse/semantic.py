@@ -178,79 +178,63 @@ class SemanticPermutation(SparseMethod):
         start, n = _video_span(S, ctx)
         qv, kv = q[:, :, start : start + n], k[:, :, start : start + n]
         qr, kr = self.cluster(qv, kv, ctx)
+        q_perm, q_off, qc = _with_text(q, qr, start, n)
+        k_perm, k_off, kc = _with_text(k, kr, start, n)
+        scale = 1.0 / math.sqrt(D)
         if self.blocked(n):
-            return self._block_plan(q, k, qr, kr, start, n)
-        q_perm, q_off, k_perm, k_off = qr.perm, qr.offsets, kr.perm, kr.offsets
-        qc, kc = qr.centroids, kr.centroids
-        q_sizes, k_sizes = qr.counts, kr.counts
-        text = S - n
-        force_q = force_k = None
-        if text:
-            # Text: one extra range at the end of each order, scored by its mean vector.
-            pos = torch.arange(S - n, device=q.device)
-            text_idx = torch.where(pos < start, pos, pos + n)  # the tokens before and after the video
-            text_idx = text_idx.expand(B, H, text)
-            q_perm = torch.cat([q_perm + start, text_idx], -1)
-            k_perm = torch.cat([k_perm + start, text_idx], -1)
-            end = torch.full((B, H, 1), S, dtype=torch.int32, device=q.device)
-            q_off, k_off = torch.cat([q_off, end], -1), torch.cat([k_off, end], -1)
-            t_sl = torch.gather(q, 2, text_idx[..., None].expand(B, H, text, D)).float().mean(2, keepdim=True)
-            k_sl = torch.gather(k, 2, text_idx[..., None].expand(B, H, text, D)).float().mean(2, keepdim=True)
-            qc, kc = torch.cat([qc, t_sl], 2), torch.cat([kc, k_sl], 2)
-            tsize = torch.full((B, H, 1), text, dtype=q_sizes.dtype, device=q.device)
-            q_sizes, k_sizes = torch.cat([q_sizes, tsize], -1), torch.cat([k_sizes, tsize], -1)
-            # The text range (last) is forced both ways, built by a comparison on the device: writing a
-            # Python scalar into a CUDA tensor (`x[-1] = True`) copies it from the host.
-            force_q = torch.arange(qc.shape[2], device=q.device) == qc.shape[2] - 1
-            force_k = torch.arange(kc.shape[2], device=q.device) == kc.shape[2] - 1
-        logits = torch.matmul(qc, kc.transpose(-1, -2)) * (1.0 / math.sqrt(D))
-        mask = select_blocks(
-            logits,
-            q_sizes,
-            k_sizes,
-            self.sparsity,
-            top_p=self.options.top_p,
-            min_blocks=max(1, math.ceil(self.options.min_kc_ratio * kr.counts.shape[-1])),
-            force_q=force_q,
-            force_k=force_k,
-            budget_scope=self.options.budget_scope,
-        )
+            return self._block_plan(q_perm, q_off, qc, k_perm, k_off, kc, n, scale)
+        # The text range (last) is computed both ways: marked by a device comparison, since writing a Python
+        # scalar into a CUDA tensor (`x[-1] = True`) copies it from the host.
+        force_q = _last(qc.shape[2], q.device) if S > n else None
+        force_k = _last(kc.shape[2], q.device) if S > n else None
+        mask = self._select(torch.matmul(qc, kc.transpose(-1, -2)) * scale, _sizes(q_off), _sizes(k_off),
+                            kr.counts.shape[-1], force_q, force_k)
         return BlockPlan.from_range_mask(mask, q_off, k_off, q_perm=q_perm, k_perm=k_perm, seq_lens=(S, S))
 
-    def _block_plan(self, q: Tensor, k: Tensor, qr: KMeansResult, kr: KMeansResult, start: int, n: int
-                    ) -> BlockPlan:
+    def _block_plan(self, q_perm: Tensor, q_off: Tensor, qc: Tensor, k_perm: Tensor, k_off: Tensor, kc: Tensor,
+                    n: int, scale: float) -> BlockPlan:
         """Fixed blocks over the cluster-sorted orders (text, if any, at the end), scored by block means."""
-        B, H, S, D = q.shape
+        B, H, S = q_perm.shape
         bs = min(self.options.block_size, S)
-        q_perm, q_off, qc = qr.perm + start, qr.offsets, qr.centroids
-        k_perm, k_off, kc = kr.perm + start, kr.offsets, kr.centroids
-        if S > n:
-            pos = torch.arange(S - n, device=q.device)
-            text_idx = torch.where(pos < start, pos, pos + n).expand(B, H, S - n)
-            end = torch.full((B, H, 1), S, dtype=torch.int32, device=q.device)
-            q_perm, k_perm = torch.cat([q_perm, text_idx], -1), torch.cat([k_perm, text_idx], -1)
-            q_off, k_off = torch.cat([q_off, end], -1), torch.cat([k_off, end], -1)
-            idx = text_idx[..., None].expand(B, H, S - n, D)
-            qc = torch.cat([qc, torch.gather(q, 2, idx).float().mean(2, keepdim=True)], 2)
-            kc = torch.cat([kc, torch.gather(k, 2, idx).float().mean(2, keepdim=True)], 2)
         nb = (S + bs - 1) // bs
-        b0 = torch.arange(nb, device=q.device) * bs
+        b0 = torch.arange(nb, device=q_perm.device) * bs
         b1 = (b0 + bs).clamp(max=S)
         sizes = (b1 - b0).expand(B, H, nb)
         logits = torch.matmul(_block_means(q_off, qc, b0, b1), _block_means(k_off, kc, b0, b1).transpose(-1, -2))
         text = (b1 > n) if S > n else None  # blocks holding text: computed both ways
-        mask = select_blocks(
-            logits * (1.0 / math.sqrt(D)),
-            sizes,
-            sizes,
-            self.sparsity,
-            top_p=self.options.top_p,
-            min_blocks=max(1, math.ceil(self.options.min_kc_ratio * nb)),
-            force_q=text,
-            force_k=text,
-            budget_scope=self.options.budget_scope,
-        )
+        mask = self._select(logits * scale, sizes, sizes, nb, text, text)
         return BlockPlan.from_block_mask(mask, bs, S, q_perm=q_perm, k_perm=k_perm)
+
+    def _select(self, logits: Tensor, q_sizes: Tensor, k_sizes: Tensor, num_keys: int,
+                force_q: Tensor | None, force_k: Tensor | None) -> Tensor:
+        """`select_blocks` with this method's options; `num_keys` ranges set the per-row floor."""
+        o = self.options
+        return select_blocks(logits, q_sizes, k_sizes, self.sparsity, top_p=o.top_p,
+                             min_blocks=max(1, math.ceil(o.min_kc_ratio * num_keys)), force_q=force_q,
+                             force_k=force_k, budget_scope=o.budget_scope)
+
+
+def _sizes(offsets: Tensor) -> Tensor:
+    return offsets[..., 1:] - offsets[..., :-1]
+
+
+def _last(n: int, device: torch.device) -> Tensor:
+    """bool [n], True for the last range only."""
+    return torch.arange(n, device=device) == n - 1
+
+
+def _with_text(x: Tensor, km: KMeansResult, start: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(order, range offsets, range means) of x's tokens: the video tokens [start, start + n) sorted by
+    cluster, then, for joint-attention models, every text token as one last range scored by its mean."""
+    B, H, S, D = x.shape
+    perm, off, means = km.perm + start, km.offsets, km.centroids
+    if S == n:
+        return perm, off, means
+    pos = torch.arange(S - n, device=x.device)
+    text_idx = torch.where(pos < start, pos, pos + n).expand(B, H, S - n)  # the tokens before and after
+    end = torch.full((B, H, 1), S, dtype=off.dtype, device=x.device)
+    text_mean = torch.gather(x, 2, text_idx[..., None].expand(B, H, S - n, D)).float().mean(2, keepdim=True)
+    return torch.cat([perm, text_idx], -1), torch.cat([off, end], -1), torch.cat([means, text_mean], 2)
 
 
 _AUTO_BLOCKS_FROM = 8192  # video tokens from which layout="auto" uses fixed blocks
