@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dit_sparse.kernels import block_sparse_attention, select_backend
+from dit_sparse.kernels import run_backend, select_backend
 
 from .config import SparseConfig
 from .method import SparseMethod
@@ -125,8 +125,8 @@ class SparseAttentionCore:
         if not name:
             self._warn_once(f"no fast kernel runs these inputs ({why})")
             return None
-        result = block_sparse_attention(q, k, v, plan, scale=scale, return_lse=self.method.wants_lse,
-                                        return_tile_stats=self.method.wants_tile_stats, backend=name)
+        result = run_backend(name, q, k, v, plan, scale=scale, return_lse=self.method.wants_lse,
+                             return_tile_stats=self.method.wants_tile_stats)
         self.method.observe(ctx, plan, result)
         self.stats.add_sparse(plan)
         return result.out

@@ -12,6 +12,7 @@ from .dispatch import (
     block_sparse_attention,
     check_backend,
     register_backend,
+    run_backend,
     select_backend,
 )
 from .reference import reference_block_sparse_attention
@@ -36,5 +37,6 @@ __all__ = [
     "check_backend",
     "reference_block_sparse_attention",
     "register_backend",
+    "run_backend",
     "select_backend",
 ]

@@ -131,6 +131,27 @@ def block_sparse_attention(
     Inputs may be non-contiguous views (e.g. Diffusers' [B, S, H, D] transposed). The output is in the
     original token order, same dtype as q.
     """
+    _check_shapes(q, k, v, plan)
+    name, reason = select_backend(q, plan, backend, return_tile_stats, return_lse)
+    if not name:
+        _warn_once(reason)
+        name = "reference"
+    return run_backend(name, q, k, v, plan, scale=scale, return_lse=return_lse, return_tile_stats=return_tile_stats)
+
+
+def run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
+                scale: float | None = None, return_lse: bool = False, return_tile_stats: bool = False
+                ) -> AttentionResult:
+    """Run `plan` on the backend `select_backend` chose (no second selection: callers that selected
+    already, like the attention core, go straight here)."""
+    _check_shapes(q, k, v, plan)
+    kwargs = dict(scale=scale, return_lse=return_lse, return_tile_stats=return_tile_stats)
+    if name == "reference":
+        return reference_block_sparse_attention(q, k, v, plan, **kwargs)
+    return _BACKENDS[name].run(q, k, v, plan, **kwargs)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
@@ -139,10 +160,3 @@ def block_sparse_attention(
         raise ValueError(f"plan is for (B, H) = {(plan.batch, plan.heads)}, inputs have {tuple(q.shape[:2])}")
     if plan.seq_len_q != q.shape[2] or plan.seq_len_k != k.shape[2]:
         raise ValueError(f"plan covers {plan.seq_len_q}x{plan.seq_len_k} tokens, inputs {q.shape[2]}x{k.shape[2]}")
-    kwargs = dict(scale=scale, return_lse=return_lse, return_tile_stats=return_tile_stats)
-    name, reason = select_backend(q, plan, backend, return_tile_stats, return_lse)
-    if name == "reference" or not name:
-        if reason is not None:
-            _warn_once(reason)
-        return reference_block_sparse_attention(q, k, v, plan, **kwargs)
-    return _BACKENDS[name].run(q, k, v, plan, **kwargs)

@@ -49,7 +49,7 @@ def _executor_allowed(monkeypatch):
     reads are allowed inside it and forbidden again after it."""
     import dit_sparse.core as core_mod
 
-    real = core_mod.block_sparse_attention
+    real = core_mod.run_backend
 
     def run(*args, **kwargs):
         forbidden = {n: getattr(torch.Tensor, n) for n in _READS}
@@ -60,7 +60,7 @@ def _executor_allowed(monkeypatch):
             for n, fn in forbidden.items():
                 setattr(torch.Tensor, n, fn)
 
-    monkeypatch.setattr(core_mod, "block_sparse_attention", run)
+    monkeypatch.setattr(core_mod, "run_backend", run)
 
 
 def test_from_range_mask_has_static_width_and_python_lengths():
