@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,46 @@ def kernel_pairs(plan, tile: int = 128) -> float:
     return float((tiles * chunks.counts.double().sum(-1)).sum()) * tile * tile
 
 
+@dataclass
+class SteppedCall:
+    """One layer's sparse attention through the real core, each call a new denoising step (the tracker
+    advances, so re-planning happens as often as in a generation). Call it with the step index."""
+
+    core: object
+    method: object
+    tracker: object
+    layout: object
+    call: Callable[[int], torch.Tensor]
+
+
+def stepped_call(spec: str, shape: CallShape, sets: list, sparsity: float, backend: str = "auto",
+                 dense_fn: Callable[[int], torch.Tensor] | None = None) -> SteppedCall:
+    """The attention core for method `spec` on `shape`, calling it on input set `i % len(sets)`."""
+    from dit_sparse.config import SparseConfig, WarmupConfig
+    from dit_sparse.core import SparseAttentionCore
+    from dit_sparse.layout import VideoLayout
+    from dit_sparse.method import build_method
+    from dit_sparse.tracking import StepTracker
+
+    name, opts = split_method_options(spec)
+    method, _ = build_method(name, sparsity, opts)
+    tracker = StepTracker(num_steps=10_000)
+    tracker.layout = VideoLayout(*shape.grid, text_tokens=shape.text, text_first=shape.text_first)
+    core = SparseAttentionCore(SparseConfig(name, sparsity, WarmupConfig(0, 0), None), method, tracker, 1,
+                               backend=backend)
+    t = [1e6]
+
+    def call(i: int) -> torch.Tensor:
+        t[0] -= 1.0  # a new denoising step: the tracker advances, caches see a new step
+        tracker.begin_forward(t[0], "cond", None, None)
+        q, k, v = sets[i % len(sets)]
+        return core.attend(q, k, v, layer=0, layer_name="blocks.0.attn1",
+                           dense_fn=(lambda: dense_fn(i)) if dense_fn is not None else (lambda: None),
+                           text_first=shape.text_first if shape.text else None)
+
+    return SteppedCall(core, method, tracker, tracker.layout, call)
+
+
 def _cycle(spec: str) -> int:
     """Steps of one re-planning cycle of a method spec (its replan_every / classify_every)."""
     chain, opts = split_method_options(spec)  # options apply to the whole chain ("window3d+skip[tol=0.1]")
@@ -89,14 +130,7 @@ def bench_shape(key: str, methods: list[str], sparsity: float, steps: int, backe
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from dit_sparse.config import SparseConfig, WarmupConfig
-    from dit_sparse.core import SparseAttentionCore
-    from dit_sparse.layout import VideoLayout
-    from dit_sparse.method import build_method
-    from dit_sparse.tracking import StepTracker
-
     shape = SHAPES[key]
-    layout = VideoLayout(*shape.grid, text_tokens=shape.text, text_first=shape.text_first)
     sets = [_inputs(shape, seed) for seed in range(2)]
     B, S, H, D = sets[0][0].shape
     rows: list[dict] = []
@@ -112,21 +146,9 @@ def bench_shape(key: str, methods: list[str], sparsity: float, steps: int, backe
     for spec in methods:
         row = dict(base, method=spec)
         try:
-            name, opts = split_method_options(spec)
-            method, _ = build_method(name, sparsity, opts)
-            tracker = StepTracker(num_steps=10_000)
-            tracker.layout = layout
-            core = SparseAttentionCore(SparseConfig(name, sparsity, WarmupConfig(0, 0), None), method, tracker, 1,
-                                       backend=backend)
-            state = {"t": 1e6}
-
-            def call(i: int, core=core, tracker=tracker, state=state) -> torch.Tensor:
-                state["t"] -= 1.0  # a new denoising step: the tracker advances, caches see a new step
-                tracker.begin_forward(state["t"], "cond", None, None)
-                q, k, v = sets[i % 2]
-                return core.attend(q, k, v, layer=0, layer_name="blocks.0.attn1", dense_fn=lambda: dense(i),
-                                   text_first=shape.text_first if shape.text else None)
-
+            name, _ = split_method_options(spec)
+            sc = stepped_call(spec, shape, sets, sparsity, backend, dense)
+            core, method, tracker, call, layout = sc.core, sc.method, sc.tracker, sc.call, sc.layout
             cycle = _cycle(spec)
             n = cycle * max(1, math.ceil(steps / cycle))
             for i in range(2 * cycle):  # cold start: compile, first plans, warm k-means
@@ -151,7 +173,7 @@ def bench_shape(key: str, methods: list[str], sparsity: float, steps: int, backe
             if name in ("semantic", "pooled"):
                 fresh = {"t": 0}
 
-                def plan_only(i: int, method=method, tracker=tracker, fresh=fresh) -> None:
+                def plan_only(i: int, method=method, tracker=tracker, fresh=fresh, layout=layout) -> None:
                     fresh["t"] += 1
                     c = tracker.context(0, "blocks.0.attn1", 1, sparsity, layout)
                     c.step = 10**6 + fresh["t"] * 1000  # every call a new step: always re-plans
@@ -159,7 +181,7 @@ def bench_shape(key: str, methods: list[str], sparsity: float, steps: int, backe
                     method.plan(qq, kk, vv, c)
 
                 row["plan_ms"] = _time_steps(plan_only, steps)
-            row["sync_free"] = sync_free(core, lambda: call(10**6))
+            row["sync_free"] = sync_free(core, lambda call=call: call(10**6))
         except Exception as exc:  # one failing method must not hide the others
             row["error"] = f"{type(exc).__name__}: {exc}"[:400]
         rows.append(row)

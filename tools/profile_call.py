@@ -19,33 +19,16 @@ import sys
 import time
 
 import torch
-from dit_sparse.eval.bench_call import SHAPES, _cycle, _inputs
+from dit_sparse.eval.bench_call import SHAPES, _cycle, _inputs, stepped_call
 from torch.profiler import ProfilerActivity, profile
 
-from dit_sparse.config import SparseConfig, WarmupConfig
-from dit_sparse.core import SparseAttentionCore
-from dit_sparse.layout import VideoLayout
-from dit_sparse.method import build_method, split_method_list, split_method_options
-from dit_sparse.tracking import StepTracker
+from dit_sparse.method import split_method_list
 
 
 def profile_method(spec: str, shape_key: str, steps: int, out_dir: str) -> dict:
     shape = SHAPES[shape_key]
-    layout = VideoLayout(*shape.grid, text_tokens=shape.text, text_first=shape.text_first)
     sets = [_inputs(shape, s) for s in range(2)]
-    name, opts = split_method_options(spec)
-    method, _ = build_method(name, 0.9, opts)
-    tracker = StepTracker(num_steps=10_000)
-    tracker.layout = layout
-    core = SparseAttentionCore(SparseConfig(name, 0.9, WarmupConfig(0, 0), None), method, tracker, 1)
-    t = [1e6]
-
-    def call(i: int):
-        t[0] -= 1.0
-        tracker.begin_forward(t[0], "cond", None, None)
-        q, k, v = sets[i % 2]
-        return core.attend(q, k, v, layer=0, layer_name="l0", dense_fn=lambda: None,
-                           text_first=shape.text_first if shape.text else None)
+    call = stepped_call(spec, shape, sets, 0.9).call
 
     cycle = _cycle(spec)
     n = cycle * max(1, -(-steps // cycle))
