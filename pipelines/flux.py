@@ -20,6 +20,28 @@ from dit_sparse.parallel import root_split_factor
 from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
 
 
+def joint_qkv(attn, projections: tuple, image_rotary_emb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[text, image] query, key, value [B, S, H, D] of a Flux-style joint block, as Diffusers' Flux and
+    Flux.2 processors compute them: `projections` are the six q/k/v of the module's `_get_qkv_projections`;
+    per-head RMSNorm, text first when the block has text projections, RoPE over the joint sequence."""
+    query, key, value, encoder_query, encoder_key, encoder_value = projections
+    # A fixed head_dim with -1 for the heads, as Diffusers does (tensor-parallel shards have fewer heads).
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if attn.added_kv_proj_dim is not None:
+        encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+        encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+        encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+        query = torch.cat([encoder_query, query], dim=1)
+        key = torch.cat([encoder_key, key], dim=1)
+        value = torch.cat([encoder_value, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
 class FluxSparseAttnProcessor(SparseProcessorMixin, FluxAttnProcessor):
     """Diffusers' Flux processor with the joint attention routed through the sparse core."""
 
@@ -28,27 +50,9 @@ class FluxSparseAttnProcessor(SparseProcessorMixin, FluxAttnProcessor):
         self._bind(core, layer, name, original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        # A fixed head_dim with -1 for the heads, as Diffusers does (tensor-parallel shards have fewer heads).
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-
         # RoPE over the whole joint sequence (text ids are zeros), after the concatenation.
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
+        query, key, value = joint_qkv(attn, _get_qkv_projections(attn, hidden_states, encoder_hidden_states),
+                                      image_rotary_emb)
         out = self._attend(query, key, value, attention_mask, text_first=True)
         out = out.flatten(2, 3).to(query.dtype)
 

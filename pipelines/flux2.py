@@ -26,7 +26,7 @@ from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import root_split_factor
 
 from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
-from .flux import _image_grid
+from .flux import _image_grid, joint_qkv
 
 
 class Flux2SparseAttnProcessor(SparseProcessorMixin, Flux2AttnProcessor):
@@ -44,26 +44,9 @@ class Flux2SparseAttnProcessor(SparseProcessorMixin, Flux2AttnProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        # Fixed head_dim with -1 for the heads, as Diffusers does (tensor-parallel shards have fewer heads).
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-
         # RoPE over the whole joint sequence (text ids first, 4 axes), after the concatenation.
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
+        query, key, value = joint_qkv(attn, _get_qkv_projections(attn, hidden_states, encoder_hidden_states),
+                                      image_rotary_emb)
         out = self._attend(query, key, value, attention_mask, text_first=True)
         out = out.flatten(2, 3).to(query.dtype)
 
