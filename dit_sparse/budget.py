@@ -89,14 +89,15 @@ def select_blocks(
 
     # Mass per block and each candidate's rank among its row's non-forced key ranges.
     p = block_mass(logits, ks)
-    forced_mass = (p * forced).sum(-1, keepdim=True)
     cand = live & ~forced
-    p_cand = torch.where(cand, p, torch.full_like(p, -1.0))  # -1 sorts non-candidates last
-    p_sorted, order = torch.sort(p_cand, dim=-1, descending=True)
-    mass_before = forced_mass + torch.cumsum(p_sorted.clamp_min(0.0), -1) - p_sorted.clamp_min(0.0)
-    # top_p = 1 means "every candidate": float32 mass sums reach 1.0 before the tail is exhausted.
-    before_ok = mass_before < top_p if top_p < 1.0 else torch.ones_like(mass_before, dtype=torch.bool)
-    in_top_p = torch.empty_like(cand).scatter_(-1, order, before_ok)
+    if top_p < 1.0:
+        forced_mass = (p * forced).sum(-1, keepdim=True)
+        p_cand = torch.where(cand, p, torch.full_like(p, -1.0))  # -1 sorts non-candidates last
+        p_sorted, order = torch.sort(p_cand, dim=-1, descending=True)
+        mass_before = forced_mass + torch.cumsum(p_sorted.clamp_min(0.0), -1) - p_sorted.clamp_min(0.0)
+        in_top_p = torch.empty_like(cand).scatter_(-1, order, mass_before < top_p)
+    else:  # top_p = 1 is "every candidate" (float32 mass sums may reach 1.0 before the tail): no sort
+        in_top_p = cand
 
     # Floor ranks follow the logit (= per-pair probability), not the mass: the guaranteed best key range
     # of a query range is then the most attended one, not merely the largest.
@@ -123,7 +124,23 @@ def select_blocks(
     allowed = torch.floor(total.double() * (1.0 - sparsity)).long()
     spent = (cost * forced).reshape(pool_shape).sum(-1, keepdim=True)
     key_sorted, idx = torch.sort(key_f, dim=-1)
-    cum = torch.cumsum(torch.gather(cost_f, -1, idx), -1)
+    cum = _cumsum(torch.gather(cost_f, -1, idx))
     take = torch.isfinite(key_sorted) & ((cum <= allowed - spent) | (key_sorted < _LEVEL))
     chosen = torch.zeros_like(take).scatter_(-1, idx, take).reshape(B, H, NQ, NK)
     return chosen | forced
+
+
+def _cumsum(x: Tensor, width: int = 256) -> Tensor:
+    """Inclusive cumulative sum along the last dim, computed in two levels when rows are long.
+
+    A budget pool holds NQ * NK blocks (65,536 at Wan-1.3B's shape) in only B * H rows, and CUDA's scan
+    along one long innermost row used 0.1 ms there; scanning chunks of `width` and then the chunk
+    totals runs the same sums with all SMs busy. Exact for integers.
+    """
+    n = x.shape[-1]
+    if n <= 4 * width:
+        return torch.cumsum(x, -1)
+    pad = (-n) % width
+    chunks = torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, width)).cumsum(-1)
+    carry = chunks[..., -1].cumsum(-1) - chunks[..., -1]  # total of the chunks before each chunk
+    return (chunks + carry[..., None]).flatten(-2)[..., :n]

@@ -31,7 +31,7 @@ from .config import ConfigError
 from .context import AttentionContext
 from .layout import VideoLayout
 from .method import SparseMethod, register_method
-from .plan import BlockPlan
+from .plan import BlockPlan, compact_indices
 from .tiling import Tile, VideoTiling, choose_tile
 
 Tensor = torch.Tensor
@@ -345,9 +345,7 @@ def search_candidates(tiling: VideoTiling, budget: float, sink: bool = False) ->
 # ---------------------------------------------------------------------- plans
 def _indices(mask: Tensor) -> tuple[Tensor, Tensor]:
     """(int32 [NR, NR] selected key ranges first, ascending, padded with 0; int32 [NR] counts) of a mask."""
-    counts = mask.sum(-1, dtype=torch.int32)
-    order = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    return torch.where(torch.arange(mask.shape[-1]) < counts[..., None], order, 0), counts
+    return compact_indices(mask)
 
 
 def _pattern_indices(tiling: VideoTiling, patterns: tuple[TilePattern, ...]) -> tuple[Tensor, Tensor]:

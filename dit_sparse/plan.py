@@ -139,17 +139,12 @@ class BlockPlan:
         `kv_indices` gets the static width NK (every key range), so no count is read back to the host;
         pass `seq_lens` (Python ints) to keep the construction free of host synchronisation.
         """
-        mask = mask.bool()
-        counts = mask.sum(-1, dtype=torch.int32)
-        # Stable sort keeps selected indices ascending, which keeps key reads sequential.
-        order = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True)
-        nk = mask.shape[-1]
-        idx = torch.where(torch.arange(nk, device=mask.device) < counts[..., None], order.to(torch.int32), 0)
+        idx, counts = compact_indices(mask)
         return cls(
             q_offsets=q_offsets.to(torch.int32),
             k_offsets=k_offsets.to(torch.int32),
-            kv_indices=idx.contiguous(),
-            kv_counts=counts.contiguous(),
+            kv_indices=idx,
+            kv_counts=counts,
             q_perm=q_perm,
             k_perm=k_perm,
             block_size=block_size,
@@ -237,6 +232,22 @@ class BlockPlan:
         for name, perm, s in (("q_perm", self.q_perm, self.seq_len_q), ("k_perm", self.k_perm, self.seq_len_k)):
             if perm is not None and perm.shape != (B, H, s):
                 raise ValueError(f"{name} must be [B, H, {s}], got {tuple(perm.shape)}")
+
+
+def compact_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(indices, counts) of a boolean [..., N] mask: the selected positions first, ascending (which keeps
+    key reads sequential), padded with 0 to width N (int32 [..., N]), and their number (int32 [...]).
+
+    Each selected position goes to the slot its running count gives it (a scan and a scatter, no sort).
+    """
+    mask = mask.bool()
+    n = mask.shape[-1]
+    pos = torch.cumsum(mask, -1, dtype=torch.int32)
+    counts = pos[..., -1].contiguous() if n else mask.new_zeros(mask.shape[:-1], dtype=torch.int32)
+    slot = torch.where(mask, pos - 1, n).long()  # unselected positions land in a spare last column
+    idx = torch.zeros(*mask.shape[:-1], n + 1, dtype=torch.int32, device=mask.device)
+    idx.scatter_(-1, slot, torch.arange(n, dtype=torch.int32, device=mask.device).expand(mask.shape))
+    return idx[..., :n].contiguous(), counts
 
 
 def _token_to_range(offsets: Tensor, seq_len: int) -> Tensor:

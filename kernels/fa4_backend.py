@@ -9,7 +9,8 @@ What it runs: CUDA sm90 (H100/H200) and sm100 GPUs, bfloat16/float16, head dim 6
 that are a multiple of 64 tokens and key blocks of 64 or 128 tokens. Tile statistics are not available
 (`skip` uses the Triton kernel). Plans with a token order (window3d's tile-major order, semantic's
 clusters) are permuted physically around the call: one `index_select` per operand when every head shares
-the order, one `gather` otherwise, and the output (and LSE) are put back in original order the same way.
+the order, one Triton row copy (`permute.gather_rows`) otherwise, and the output (and LSE) are put back in
+original order the same way.
 flash-attn-4 compiles each new configuration once (a few seconds) on first use.
 """
 
@@ -21,9 +22,10 @@ import math
 
 import torch
 
-from dit_sparse.plan import BlockPlan, permute_tokens, shares_order
+from dit_sparse.plan import BlockPlan, shares_order
 
 from .dispatch import Backend, register_backend
+from .permute import gather_rows
 from .result import AttentionResult
 
 Tensor = torch.Tensor
@@ -81,7 +83,7 @@ def _to_plan_order(x: Tensor, perm: Tensor | None) -> Tensor:
         return xs
     if shares_order(perm):  # one row copy over tokens, straight into flash-attn-4's [B, S, H, D] layout
         return xs.index_select(1, perm[0, 0])
-    return permute_tokens(x, perm).transpose(1, 2)
+    return gather_rows(x, perm)
 
 
 def _inverse(plan: BlockPlan) -> Tensor:
@@ -151,7 +153,7 @@ def fa4_block_sparse_attention(
             out = out.transpose(1, 2).index_select(1, inv[0, 0]).transpose(1, 2)  # stays [B, S, H, D] in memory
             lse = lse.index_select(2, inv[0, 0]) if lse is not None else None
         else:
-            out = permute_tokens(out, inv)
+            out = gather_rows(out, inv).transpose(1, 2)
             lse = torch.gather(lse, 2, inv) if lse is not None else None
     if return_lse and lse is not None:
         lse = lse.float()

@@ -110,3 +110,27 @@ def test_bad_arguments_raise():
         select_blocks(logits, qs, ks, 0.9, top_p=0.0)
     with pytest.raises(ValueError, match="budget_scope"):
         select_blocks(logits, qs, ks, 0.9, budget_scope="model")
+
+
+@pytest.mark.parametrize("n", [7, 1024, 1025, 5000])
+def test_two_level_cumsum_is_exact(n: int) -> None:
+    from dit_sparse.budget import _cumsum
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(0, 16385, (2, 3, n), generator=g, dtype=torch.int64)
+    assert torch.equal(_cumsum(x), torch.cumsum(x, -1))
+
+
+def test_top_p_one_fills_the_budget_to_within_one_block() -> None:
+    # top_p = 1 skips the per-row sort (every candidate is eligible) and the long pools (1,600 blocks)
+    # take the two-level scan: the greedy prefix still stops at the budget, within one block of it.
+    g = torch.Generator().manual_seed(3)
+    B, H, NQ, NK = 2, 3, 40, 40  # 1,600 blocks per pool: the two-level scan runs
+    logits = torch.randn(B, H, NQ, NK, generator=g) * 3
+    sizes = torch.randint(1, 65, (B, H, NQ), generator=g)
+    full = select_blocks(logits, sizes, sizes, 0.8, top_p=1.0)
+    cost = sizes[..., :, None] * sizes[..., None, :]
+    spent = (cost * full).sum((-1, -2))
+    total = sizes.sum(-1) ** 2
+    assert (spent <= (total * 0.2).floor()).all()
+    assert (spent + cost.max() > (total * 0.2).floor()).all()  # within one block of the budget

@@ -58,3 +58,19 @@ def test_permute_tokens_matches_gather_for_every_layout():
             want = torch.gather(x, 2, perm[..., None].expand(B, H, S, D))
             got = permute_tokens(x, perm)
             assert torch.equal(got, want), name
+
+
+def test_compact_indices_lists_selected_positions_first_in_order() -> None:
+    from dit_sparse.plan import compact_indices
+
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 7, 64):
+        mask = torch.rand(2, 3, 5, n, generator=g) < 0.4
+        mask[0, 0, 0] = False  # an empty row
+        mask[0, 0, 1] = True  # a full row
+        idx, counts = compact_indices(mask)
+        assert idx.dtype == counts.dtype == torch.int32 and idx.shape == mask.shape
+        for row, m, c in zip(idx.reshape(-1, n), mask.reshape(-1, n), counts.reshape(-1)):
+            sel = torch.nonzero(m).flatten().int()
+            assert int(c) == sel.numel()
+            assert torch.equal(row[: int(c)], sel) and not row[int(c):].any()
