@@ -20,6 +20,7 @@ from dit_sparse.kernels.result import AttentionResult
 
 from .config import ConfigError, SparseConfig
 from .context import AttentionContext
+from .graphs import PlanGraphs
 from .plan import BlockPlan
 
 Tensor = torch.Tensor
@@ -43,6 +44,7 @@ class SparseMethod:
         self.sparsity = sparsity
         self.options = options
         self.base = base
+        self.graphs = PlanGraphs()  # CUDA graphs of this method's planning functions (dit_sparse.graphs)
         if self.wraps and base is None:
             raise ConfigError(f"method {self.name!r} refines another method: use e.g. 'semantic+{self.name}'")
 

@@ -389,6 +389,13 @@ def build_choice_plan(tiling: VideoTiling, candidates: tuple[TilePattern, ...], 
     return _plan_from(tiling, idx[choice], cnt[choice], batch)
 
 
+def _classify(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, *, tiling: VideoTiling,
+              patterns: list[TilePattern]) -> Tensor:
+    from .head_search import classify_heads
+
+    return classify_heads(q, k, v, tiling, patterns, rows)
+
+
 # ---------------------------------------------------------------------- method
 def _tuple3(value: Any, name: str) -> Tile:
     try:
@@ -570,11 +577,13 @@ class SpatioTemporalWindows(SparseMethod):
         if len(cands) == 1:
             heads = cands * H
         else:
-            from .head_search import classify_heads, sample_rows
+            from .head_search import sample_rows
 
             rows = sample_rows(tiling, opts.sample_rows, seed=opts.seed + 7919 * ctx.step + ctx.layer,
                                device=q.device)
-            heads = (cands, classify_heads(q, k, v, tiling, list(cands), rows))
+            # Scoring the candidates is some 50 small operations: one CUDA graph replay on GPUs.
+            classify = functools.partial(_classify, tiling=tiling, patterns=list(cands))
+            heads = (cands, self.graphs.run(("classify", tiling.key, cands), classify, (q, k, v, rows)))
         state["classified"] = ((tiling.key, cands, H), ctx.step, heads)
         return heads
 

@@ -9,6 +9,7 @@ directions.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -79,16 +80,25 @@ class PooledBlocks(SparseMethod):
     def _plan(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> BlockPlan:
         B, H, S, D = q.shape
         bs = self.options.block_size or (128 if S >= 8192 else 64)
-        n = (S + bs - 1) // bs
-        logits = torch.matmul(mean_pool(q, bs), mean_pool(k, bs).transpose(-1, -2)) * (1.0 / math.sqrt(D))
-        starts = torch.arange(n, device=q.device) * bs
-        sizes = (starts + bs).clamp(max=S) - starts
-        sizes = sizes.expand(B, H, n)
         text = None
         layout = ctx.layout
         if layout is not None and layout.text_tokens > 0 and layout.seq_len == S:
-            t0, t1 = layout.text_start, layout.text_start + layout.text_tokens
-            text = (starts < t1) & (starts + bs > t0)  # blocks holding any text token
+            text = (layout.text_start, layout.text_start + layout.text_tokens)
+        # Pooling reads q and k once; everything after it works on the small block means and is replayed
+        # as one CUDA graph on GPUs.
+        select = functools.partial(self._select, seq_len=S, block=bs, text=text)
+        return self.graphs.run(("pooled", S, bs, text), select, (mean_pool(q, bs), mean_pool(k, bs)))
+
+    def _select(self, q_means: Tensor, k_means: Tensor, *, seq_len: int, block: int,
+                text: tuple[int, int] | None) -> BlockPlan:
+        """The plan from block means [B, H, N, D]: a pure function of its tensors (graphed)."""
+        B, H, n, D = q_means.shape
+        S, bs = seq_len, block
+        logits = torch.matmul(q_means, k_means.transpose(-1, -2)) * (1.0 / math.sqrt(D))
+        starts = torch.arange(n, device=q_means.device) * bs
+        sizes = (starts + bs).clamp(max=S) - starts
+        sizes = sizes.expand(B, H, n)
+        force = None if text is None else (starts < text[1]) & (starts + bs > text[0])  # blocks holding text
         mask = select_blocks(
             logits,
             sizes,
@@ -96,8 +106,8 @@ class PooledBlocks(SparseMethod):
             self.sparsity,
             top_p=self.options.top_p,
             min_blocks=max(1, math.ceil(self.options.min_block_ratio * n)),
-            force_q=text,
-            force_k=text,
+            force_q=force,
+            force_k=force,
             budget_scope=self.options.budget_scope,
         )
         return BlockPlan.from_block_mask(mask, bs, S)

@@ -43,6 +43,7 @@ SHAPES = {
     "wan1.3b-480p": CallShape(1, 12, 128, (21, 30, 52)),
     "cogvideox-5b-cfg": CallShape(2, 48, 64, (13, 30, 45), text=226, text_first=True),
     "wan14b-720p": CallShape(1, 40, 128, (21, 45, 80)),
+    "bundled": CallShape(1, 4, 64, (16, 16, 16)),  # the bundled reference model (one CFG branch per call)
 }
 METHODS = "window3d,window3d[block=128],semantic,semantic[layout=clusters],pooled,window3d+skip"
 

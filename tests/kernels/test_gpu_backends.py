@@ -132,3 +132,36 @@ def test_warm_sparse_calls_do_not_synchronise(spec):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert core.stats.fallback_calls == 0
+
+
+@pytest.mark.parametrize("spec", ["pooled", "semantic", "semantic[layout=clusters]"])
+def test_graphed_planning_replays_the_eager_plan(spec, monkeypatch):
+    from dit_sparse.context import AttentionContext
+    from dit_sparse.layout import VideoLayout
+    from dit_sparse.method import build_method, split_method_options
+
+    name, opts = split_method_options(spec)
+    layout = VideoLayout(5, 30, 52, text_tokens=77)  # joint attention: text ranges forced both ways
+    S = layout.seq_len
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (torch.randn(2, S, 4, 128, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    plans = {}
+    for graphs in ("1", "0"):
+        monkeypatch.setenv("DIT_SPARSE_CUDA_GRAPHS", graphs)
+        method, _ = build_method(name, 0.9, opts)
+        ctx = AttentionContext(0, "l0", 1, 0, 10, "cond", layout, 0.9)
+        for step in range(4):  # cold start, first warm call (eager, then recorded), two replays
+            ctx.step = step
+            plan = method.plan(q, k, v, ctx)
+        plans[graphs] = (plan, ctx.state)
+        assert method.graphs.replays == (2 if graphs == "1" else 0)
+    (gp, gs), (ep, es) = plans["1"], plans["0"]
+    gp.validate()
+    assert gp.block_size == ep.block_size and gp.seq_lens == ep.seq_lens
+    if name == "pooled":  # deterministic maths: the same plan bit for bit
+        for f in ("q_offsets", "k_offsets", "kv_indices", "kv_counts"):
+            assert torch.equal(getattr(gp, f), getattr(ep, f)), f
+    else:  # k-means sums use atomics: centroids agree to rounding, plans to a few tokens
+        torch.testing.assert_close(gs["semantic"]["q"], es["semantic"]["q"], atol=1e-3, rtol=1e-3)
+        assert abs(gp.density() - ep.density()) < 0.01
