@@ -16,7 +16,8 @@ input signature and replayed: one launch per call.
   replay, while a plan may be kept for several steps (`replan_every`).
 
 `fn` must be a pure function of its tensor inputs: everything else it reads (options, Python-int shapes,
-the text range) belongs in `key`. Its result may be a tensor, None, a `BlockPlan` or a tuple of these.
+the text range) belongs in `key`. Its result may be a tensor, None, a `BlockPlan` or a tuple of these;
+a plan's pair counts (read by the statistics) are computed inside the graph and travel with it.
 Graphs are used only for CUDA inputs, outside another capture, and unless DIT_SPARSE_CUDA_GRAPHS=0; a
 capture that fails (an operation that synchronises, say) is reported once and that signature runs
 eagerly from then on. All graphs of one `PlanGraphs` share a memory pool: outputs are cloned right after
@@ -100,7 +101,7 @@ class PlanGraphs:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, stream=side):
-                out = fn(*static)
+                out = _with_pair_counts(fn(*static))
             torch.cuda.current_stream(device).wait_stream(side)
             tensors: list[Tensor] = []
             spec = _flatten(out, tensors)
@@ -109,6 +110,15 @@ class PlanGraphs:
                           stacklevel=3)
             return _Entry(None, [], [], None)
         return _Entry(graph, static, tensors, spec)
+
+
+def _with_pair_counts(out: Any) -> Any:
+    """out, with the pair counts of every plan in it computed (the statistics read them for every plan:
+    inside the graph they cost no launches of their own)."""
+    for x in out if isinstance(out, tuple) else (out,):
+        if isinstance(x, BlockPlan):
+            x.pair_counts()
+    return out
 
 
 def _like(t: Tensor) -> Tensor:
@@ -134,7 +144,8 @@ def _flatten(obj: Any, tensors: list[Tensor]) -> Any:
         return ("none",)
     if isinstance(obj, BlockPlan):
         fields = {name: _flatten(getattr(obj, name), tensors) for name in _PLAN_TENSORS}
-        return ("plan", fields, obj.block_size, obj.seq_lens)
+        derived = {key: _flatten(val, tensors) for key, val in obj.derived.items() if isinstance(val, Tensor)}
+        return ("plan", fields, obj.block_size, obj.seq_lens, derived)
     if isinstance(obj, tuple):
         return ("tuple", [_flatten(x, tensors) for x in obj])
     raise TypeError(f"a graphed planning function may return tensors, None, BlockPlans or tuples, got {type(obj)}")
@@ -148,5 +159,7 @@ def _build(spec: Any, tensors: list[Tensor]) -> Any:
         return None
     if kind == "plan":
         fields = {name: _build(s, tensors) for name, s in spec[1].items()}
-        return BlockPlan(**fields, block_size=spec[2], seq_lens=spec[3])
+        plan = BlockPlan(**fields, block_size=spec[2], seq_lens=spec[3])
+        plan.derived.update({key: _build(s, tensors) for key, s in spec[4].items()})
+        return plan
     return tuple(_build(s, tensors) for s in spec[1])

@@ -26,12 +26,14 @@ Tensor = torch.Tensor
 @dataclass(frozen=True)
 class PooledConfig:
     """Options of the "pooled" method: block size (tokens, power of two >= 16; None = 128 from 8,192
-    tokens on, where blocks of the kernels' 128-row tiles leave no tile half empty, 64 below), top_p,
-    min_block_ratio (key blocks per query block taken before top-p candidates), budget_scope ("head" or
+    tokens on, where blocks of the kernels' 128-row tiles leave no tile half empty, 64 below), top_p
+    (1.0, the default, spends the whole pair budget, as semantic does: the sparsity asked for is the
+    sparsity run, and selection needs no per-row sort; below 1.0 a block whose query block already has
+    that much attention mass is left out even when the budget has room), min_block_ratio (key blocks per query block taken before top-p candidates), budget_scope ("head" or
     "layer"), replan_every (denoising steps a plan is reused for; 1 = re-estimate every step)."""
 
     block_size: int | None = None
-    top_p: float = 0.9
+    top_p: float = 1.0
     min_block_ratio: float = 0.02
     budget_scope: str = "head"
     replan_every: int = 1

@@ -16,16 +16,17 @@ def _plan() -> BlockPlan:
 
 
 def test_results_are_rebuilt_from_flat_tensors() -> None:
-    plan = _plan()
+    plan = graphs._with_pair_counts(_plan())  # the statistics' pair counts travel with the plan
     extra = torch.randn(2, 3)
     tensors: list[torch.Tensor] = []
     spec = graphs._flatten((plan, extra, None), tensors)
-    assert all(isinstance(t, torch.Tensor) for t in tensors) and len(tensors) == 6  # 5 plan tensors + extra
+    assert all(isinstance(t, torch.Tensor) for t in tensors) and len(tensors) == 7  # 5 plan, counts, extra
     rebuilt, rebuilt_extra, none = graphs._build(spec, [t.clone() for t in tensors])
     assert none is None and torch.equal(rebuilt_extra, extra)
     assert rebuilt.block_size == plan.block_size and rebuilt.seq_lens == plan.seq_lens and rebuilt.k_perm is None
     for f in ("q_offsets", "k_offsets", "kv_indices", "kv_counts", "q_perm"):
         assert torch.equal(getattr(rebuilt, f), getattr(plan, f))
+    assert torch.equal(rebuilt.derived["pair_counts"], plan._pair_counts())
     with pytest.raises(TypeError, match="may return tensors"):
         graphs._flatten({"a": extra}, [])
 
