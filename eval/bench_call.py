@@ -170,6 +170,7 @@ def bench_shape(key: str, methods: list[str], sparsity: float, steps: int, backe
             row["backend"] = chosen or "dense fallback"
             selected = float(plan.pair_counts().double().sum())
             row["tile_efficiency"] = round(selected / max(kernel_pairs(plan), 1.0), 3)
+            row["kernel_ms"] = peer_kernels(q, k, v, plan, method.wants_tile_stats, steps)
             # Planning alone on fresh inputs (new step each time: no plan reuse).
             if name in ("semantic", "pooled"):
                 fresh = {"t": 0}
@@ -192,6 +193,25 @@ def bench_shape(key: str, methods: list[str], sparsity: float, steps: int, backe
         if r.get("ms"):
             r["speedup"] = round(dense_ms / r["ms"], 3)
     return rows
+
+
+def peer_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, tile_stats: bool, steps: int
+                 ) -> dict[str, float]:
+    """The attention kernel alone on `plan` (no planning), ms per call on every GPU backend that runs it:
+    flash-attn-4, Triton and FlexAttention side by side on the same plan (permutations included)."""
+    from dit_sparse.kernels import available_backends, run_backend, select_backend
+
+    out = {}
+    for name in ("fa4", "triton", "flex"):
+        if name not in available_backends():
+            continue
+        try:
+            select_backend(q, plan, name, tile_stats)
+        except ValueError:  # this backend does not run the plan (e.g. flex on variable ranges)
+            continue
+        fn = lambda i, name=name: run_backend(name, q, k, v, plan, return_tile_stats=tile_stats)
+        out[name] = round(_time_steps(fn, steps), 3)
+    return out
 
 
 def sync_free(core, fn) -> str:
@@ -249,6 +269,8 @@ def print_table(rows: list[dict], device: str) -> None:
         print(f"{r['shape']:<17} {r['method']:<30} {r.get('backend', '-'):<9} {f('achieved_sparsity', '6.3f'):>6} "
               f"{f('ms', '8.3f'):>8} {f('speedup', '7.2f'):>7} {f('plan_ms', '8.3f'):>8} "
               f"{f('tile_efficiency', '8.3f'):>8} {sync[:9]:>9}")
+        if r.get("kernel_ms"):
+            print("    kernel alone on this plan: " + ", ".join(f"{b} {ms:.3f} ms" for b, ms in r["kernel_ms"].items()))
         if r.get("error"):
             print(f"    error: {r['error']}")
         if sync.startswith("no"):
