@@ -8,9 +8,8 @@ static width NK that flash-attn-4 expects), so the plan is passed through withou
 What it runs: CUDA sm90 (H100/H200) and sm100 GPUs, bfloat16/float16, head dim 64 or 128, query blocks
 that are a multiple of 64 tokens and key blocks of 64 or 128 tokens. Tile statistics are not available
 (`skip` uses the Triton kernel). Plans with a token order (window3d's tile-major order, semantic's
-clusters) are permuted physically around the call: one `index_select` per operand when every head shares
-the order, one Triton row copy (`permute.gather_rows`) otherwise, and the output (and LSE) are put back in
-original order the same way.
+clusters) are permuted physically around the call: one Triton row copy (`permute.gather_rows`) per
+operand, and the output (and LSE) are put back in original order the same way.
 flash-attn-4 compiles each new configuration once (a few seconds) on first use.
 """
 
@@ -78,11 +77,10 @@ def supports(q: Tensor, plan: BlockPlan) -> str | None:
 
 def _to_plan_order(x: Tensor, perm: Tensor | None) -> Tensor:
     """x [B, H, S, D] (any strides) in plan order, returned as a [B, S, H, D] view with unit last stride."""
-    xs = x.transpose(1, 2)
     if perm is None:
-        return xs
-    if shares_order(perm):  # one row copy over tokens, straight into flash-attn-4's [B, S, H, D] layout
-        return xs.index_select(1, perm[0, 0])
+        return x.transpose(1, 2)
+    # One Triton row copy straight into flash-attn-4's [B, S, H, D] layout, shared or per-head order alike:
+    # on CogVideoX's CFG shape (B = 2, 48 heads of 64) PyTorch's index_select over tokens was the slower copy.
     return gather_rows(x, perm)
 
 
@@ -149,12 +147,9 @@ def fa4_block_sparse_attention(
     out = out.transpose(1, 2)  # [B, H, S, D] view in plan order
     if plan.q_perm is not None:
         inv = _inverse(plan)
-        if shares_order(plan.q_perm):
-            out = out.transpose(1, 2).index_select(1, inv[0, 0]).transpose(1, 2)  # stays [B, S, H, D] in memory
-            lse = lse.index_select(2, inv[0, 0]) if lse is not None else None
-        else:
-            out = gather_rows(out, inv).transpose(1, 2)
-            lse = torch.gather(lse, 2, inv) if lse is not None else None
+        out = gather_rows(out, inv).transpose(1, 2)  # stays [B, S, H, D] in memory
+        if lse is not None:
+            lse = lse.index_select(2, inv[0, 0]) if shares_order(plan.q_perm) else torch.gather(lse, 2, inv)
     if return_lse and lse is not None:
         lse = lse.float()
     return AttentionResult(out=out, lse=lse if return_lse else None)
