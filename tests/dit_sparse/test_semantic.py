@@ -59,7 +59,10 @@ def test_exact_cluster_layout_uses_fine_clusters_and_blocks_the_default_ones():
     assert method.cluster_counts(4096) == (128, 512)  # "auto": exact clusters below 8,192 tokens
     assert method.cluster_counts(32760) == sem.default_clusters(32760)  # blocks layout above
     forced, _ = build_method("semantic", 0.9, {"layout": "clusters", "num_k_clusters": 300})
-    assert forced.cluster_counts(32760) == (256, 300)  # explicit counts win
+    assert forced.cluster_counts(32760) == (128, 300)  # explicit counts win; long sequences keep coarse ones
+    clusters, _ = build_method("semantic", 0.9, {"layout": "clusters"})
+    assert clusters.cluster_counts(4096) == (128, 512)
+    assert clusters.cluster_counts(17550) == sem.default_clusters(17550)  # fine ones are slow there
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
