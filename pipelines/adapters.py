@@ -64,9 +64,12 @@ class SparseProcessorMixin:
     """
 
     def _bind(self, core: Any, layer: int, name: str, original: Any = None) -> None:
+        from dit_sparse.compiled import register_layer
+
         self.core = core
         self.layer = layer
         self.name = name
+        self._layer_index = register_layer(core, layer, name)  # the layer as compiled code sees it
         if original is not None:
             for attr in ("_attention_backend", "_parallel_config"):
                 if hasattr(original, attr):
@@ -84,7 +87,18 @@ class SparseProcessorMixin:
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, text_first: bool | None = None) -> torch.Tensor:
-        """[B, S, H, D] attention through the sparse core, dense falling back to the model's own call."""
+        """[B, S, H, D] attention through the sparse core, dense falling back to the model's own call.
+
+        Under torch.compile the core runs behind one custom op (`dit_sparse.compiled`), except at
+        sparsity 0 (the model's own call, compiled as Diffusers would) and under context parallelism
+        (not supported by the op: the call graph-breaks into the core).
+        """
+        if torch.compiler.is_compiling() and self._parallel_config is None:
+            if self.core.config.is_dense:
+                return self._dense_attention(query, key, value, attention_mask)()
+            backend = getattr(self._attention_backend, "value", self._attention_backend) or ""
+            return torch.ops.dit_sparse.attend(query, key, value, self._layer_index, id(self.core), attention_mask,
+                                               -1 if text_first is None else int(text_first), backend)
         return self.core.attend(
             query, key, value, layer=self.layer, layer_name=self.name,
             dense_fn=self._dense_attention(query, key, value, attention_mask), text_first=text_first,
