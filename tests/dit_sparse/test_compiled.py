@@ -3,9 +3,9 @@ so Diffusers' regional compile with fullgraph=True compiles one block for every 
 
 import pytest
 import torch
+from dit_sparse.pipelines.tiny_models import tiny_wan_transformer
 
 import dit_sparse
-from dit_sparse.pipelines.tiny_models import tiny_wan_transformer
 
 
 def _inputs(seed: int = 0):
