@@ -118,7 +118,7 @@ def _load_builtin_adapters() -> None:
     from . import wan  # noqa: F401
 
     for mod in ("hunyuan_video", "cogvideox", "ltx_video", "flux", "qwen_image", "flux2", "hunyuan_video15",
-                "mochi", "cosmos", "skyreels_v2", "wan_animate", "chronoedit"):
+                "mochi", "cosmos", "skyreels_v2", "wan_animate", "chronoedit", "ltx2"):
         try:
             __import__(f"dit_sparse.pipelines.{mod}")
         except ModuleNotFoundError as exc:
