@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from dit_sparse.kernels.top_p import top_p_members
+
 Tensor = torch.Tensor
 
 _LEVEL = 64.0  # width of one priority level in the sort key; -log(probability) is clipped below it
@@ -91,11 +93,7 @@ def select_blocks(
     p = block_mass(logits, ks)
     cand = live & ~forced
     if top_p < 1.0:
-        forced_mass = (p * forced).sum(-1, keepdim=True)
-        p_cand = torch.where(cand, p, torch.full_like(p, -1.0))  # -1 sorts non-candidates last
-        p_sorted, order = torch.sort(p_cand, dim=-1, descending=True)
-        mass_before = forced_mass + torch.cumsum(p_sorted.clamp_min(0.0), -1) - p_sorted.clamp_min(0.0)
-        in_top_p = torch.empty_like(cand).scatter_(-1, order, mass_before < top_p)
+        in_top_p = top_p_members(p, cand, (p * forced).sum(-1, keepdim=True), top_p)
     else:  # top_p = 1 is "every candidate" (float32 mass sums may reach 1.0 before the tail): no sort
         in_top_p = cand
 
