@@ -42,13 +42,21 @@ class StepTracker:
         self.forward_calls = 0
         self.branch_calls: dict[str, int] = {}
         self._last_t: float | None = None
+        self._unnamed_in_step = 0  # forwards of the current step that came without a cache context
         self._states: dict[tuple[str, str], dict[str, Any]] = {}
 
     # Called by the hook ---------------------------------------------------------------------------
     def begin_forward(
         self, timestep: float | None, branch: str | None, step_index: int | None, num_steps: int | None
     ) -> None:
-        """Record one transformer forward; advance the step or start a new generation."""
+        """Record one transformer forward; advance the step or start a new generation.
+
+        Pipelines that run CFG as separate forwards without naming them in a `cache_context` (ChronoEdit,
+        Cosmos, ...) call the transformer twice with the same timestep: the second and later forwards of a
+        step get branches "default_1", "default_2", ... so that each keeps its own state (plans, caches)
+        instead of reusing the first forward's plan, built from other queries and keys.
+        """
+        same_step = False
         if timestep is not None:
             if self._last_t is None:
                 pass
@@ -56,7 +64,13 @@ class StepTracker:
                 self.new_generation()
             elif timestep < self._last_t - 1e-6:
                 self.step += 1
+            else:
+                same_step = True
             self._last_t = timestep
+        if branch is None:
+            self._unnamed_in_step = self._unnamed_in_step + 1 if same_step else 0
+            if self._unnamed_in_step:
+                branch = f"{DEFAULT_BRANCH}_{self._unnamed_in_step}"
         if step_index is not None:
             self.step = int(step_index)
         if num_steps is not None:

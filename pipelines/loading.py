@@ -3,6 +3,7 @@ model, or a Diffusers pipeline (local folder or Hub id)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -151,14 +152,54 @@ def _load_tiny(device: torch.device) -> LoadedModel:
                        "the prompt is ignored; it only exercises the code path", call)
 
 
+# Pipelines whose inputs default to None but which cannot run from a prompt alone (they condition on an
+# image or a video): recognised by their class names.
+_CONDITIONED_SUFFIXES = ("VideoToWorld", "VideoToVideo", "ImageToVideo", "ImageToImage", "Img2Img", "Inpaint",
+                         "InpaintPipeline", "Edit", "EditPipeline")
+
+
+def prompt_only_problem(pipeline_class: type) -> str | None:
+    """Why `dit-sparse generate` (which calls a pipeline with a prompt, steps and a generator) cannot run
+    `pipeline_class`, or None when it can."""
+    name = pipeline_class.__name__
+    params = inspect.signature(pipeline_class.__call__).parameters
+    required = [n for n, prm in params.items() if n != "self" and prm.default is prm.empty
+                and prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY)]
+    if required:
+        return f"{name} needs {', '.join(required)} besides a prompt"
+    if name.removesuffix("Pipeline").endswith(_CONDITIONED_SUFFIXES):
+        return f"{name} conditions on an image or a video besides a prompt"
+    return None
+
+
+def _pipeline_class_of(model: str) -> type | None:
+    """The Diffusers pipeline class named in `model`'s model_index.json (a folder, or a Hub id: only that
+    small file is fetched), or None when it cannot be read."""
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(model).get("_class_name")
+    except Exception:  # unreadable here: from_pretrained reports the real problem
+        return None
+    cls = getattr(diffusers, str(name), None)
+    return cls if isinstance(cls, type) else None
+
+
 def _load_diffusers(model: str, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
     from .adapters import get_adapter
 
+    # Checked before the weights load: a pipeline that needs an image or a video would only fail at the call.
+    cls = _pipeline_class_of(model)
+    problem = prompt_only_problem(cls) if cls is not None else None
+    if problem is not None:
+        raise ModelLoadError(f"{model!r}: {problem}; `dit-sparse generate` runs text-to-video and text-to-image "
+                             "pipelines: use the Python API (dit_sparse.apply(pipe, ...)) for this one")
     kwargs: dict[str, Any] = {}
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs["dtype"] = dtype  # `torch_dtype` is deprecated in Diffusers 0.42
     local = Path(model).exists()
     try:
         pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
@@ -171,6 +212,10 @@ def _load_diffusers(model: str, device: torch.device, dtype: torch.dtype | None)
     if transformer is None:
         raise ModelLoadError(f"{model!r} has no `transformer` component; dit-sparse supports DiT pipelines")
     get_adapter(transformer)  # raises UnsupportedModelError naming the supported models
+    problem = prompt_only_problem(type(pipe))
+    if problem is not None:  # model_index.json could not be read before loading
+        raise ModelLoadError(f"{model!r}: {problem}; `dit-sparse generate` runs text-to-video and text-to-image "
+                             "pipelines: use the Python API (dit_sparse.apply(pipe, ...)) for this one")
     pipe = pipe.to(device)
 
     def call(prompt: str, steps: int, seed: int) -> np.ndarray:

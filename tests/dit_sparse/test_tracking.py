@@ -87,3 +87,16 @@ def test_timestep_increase_starts_new_generation_without_pipeline():
     assert [s[3] for s in SEEN][:1] == ["default"]
     assert handle.tracker.generation == 1
     handle.remove()
+
+
+def test_unnamed_forwards_of_one_step_get_their_own_branches():
+    from dit_sparse.tracking import StepTracker
+
+    tr = StepTracker()
+    seen = []
+    for t, branch in ((900.0, None), (900.0, None), (800.0, None), (800.0, None), (800.0, None), (700.0, "cond"),
+                      (700.0, "uncond"), (600.0, None), (None, None)):
+        tr.begin_forward(t, branch, None, None)
+        seen.append((tr.step, tr.branch))
+    assert seen == [(0, "default"), (0, "default_1"), (1, "default"), (1, "default_1"), (1, "default_2"),
+                    (2, "cond"), (2, "uncond"), (3, "default"), (3, "default")]

@@ -81,3 +81,15 @@ def test_resolve_device_refuses_what_is_not_a_device():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ModelLoadError, match="not a device; use auto, cpu, cuda or cuda:N"):
         resolve_device("gpu0")
+
+
+def test_pipelines_that_need_more_than_a_prompt_are_named():
+    import diffusers
+    from dit_sparse.pipelines.loading import prompt_only_problem
+
+    for name in ("WanPipeline", "FluxPipeline", "CogVideoXPipeline", "HunyuanVideoPipeline", "QwenImagePipeline"):
+        assert prompt_only_problem(getattr(diffusers, name)) is None, name
+    assert "needs image" in prompt_only_problem(diffusers.WanImageToVideoPipeline)
+    assert "needs image" in prompt_only_problem(diffusers.ChronoEditPipeline)
+    assert "conditions on an image or a video" in prompt_only_problem(diffusers.Cosmos2VideoToWorldPipeline)
+    assert prompt_only_problem(diffusers.CogVideoXVideoToVideoPipeline) is not None
