@@ -48,6 +48,7 @@ class SparseAttentionCore:
         self.timer: Callable[[str], Any] | None = None  # e.g. eval's AttentionTimer.section
         self._warned: set[str] = set()
         self._mask_verdict: tuple[weakref.ref, int, bool] | None = None
+        self._orders: dict = {}  # context parallelism's token orders per shape (parallel.gathered_order)
 
     def _warn_once(self, reason: str) -> None:
         if reason not in self._warned:
@@ -162,7 +163,7 @@ class SparseAttentionCore:
             self.stats.add_dense(pairs, fallback=reason is not None and not warm)
             return dense_fn()
         q, k, v = group.to_heads(query, key, value)  # [B, S*n, H/n, D]: all tokens of this rank's heads
-        order = gathered_order(layout, n, q.device)
+        order = gathered_order(layout, n, q.device, self._orders)
         if order is not None:
             q, k, v = (t.index_select(1, order[0]) for t in (q, k, v))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H/n, S*n, D] views

@@ -112,29 +112,29 @@ def ulysses_group(parallel_config: Any, heads: int) -> tuple[UlyssesGroup | None
     return UlyssesGroup(group, ulysses, dist.get_rank(group)), None
 
 
-_ORDERS: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-
-def gathered_order(layout: VideoLayout | None, n: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+def gathered_order(layout: VideoLayout | None, n: int, device: torch.device,
+                   cache: dict[tuple, tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor] | None:
     """(to_canonical, to_gathered) token indices for a joint sequence gathered from N shards, or None.
 
     Each rank held [first_r, second_r] with (first, second) = (text, video) when text comes first, so
     the gathered sequence is N such chunks; `x[..., to_canonical, :]` is [all first, all second] (the
     order `layout` describes) and `y[..., to_gathered, :]` undoes it. None when no reordering is needed
-    (no text: video shards are contiguous pieces of one sequence).
+    (no text: video shards are contiguous pieces of one sequence). `cache` (owned by the caller, e.g. the
+    attention core) keeps the index tensors per shape.
     """
     if layout is None or layout.text_tokens == 0 or n == 1:
         return None
     key = (layout.text_tokens, layout.video_tokens, layout.text_first, n, device)
-    if key not in _ORDERS:
+    cache = {} if cache is None else cache
+    if key not in cache:
         first, second = ((layout.text_tokens, layout.video_tokens) if layout.text_first
                          else (layout.video_tokens, layout.text_tokens))
         f, g = first // n, second // n
         starts = torch.arange(n, device=device)[:, None] * (f + g)
         fwd = torch.cat([(starts + torch.arange(f, device=device)).flatten(),
                          (starts + f + torch.arange(g, device=device)).flatten()])
-        _ORDERS[key] = (fwd, torch.argsort(fwd))
-    return _ORDERS[key]
+        cache[key] = (fwd, torch.argsort(fwd))
+    return cache[key]
 
 
 def sharded_layout(layout: VideoLayout | None, n: int) -> bool:

@@ -485,6 +485,7 @@ class SpatioTemporalWindows(SparseMethod):
             self.assignment = HeadAssignment.load(options.head_config)
         self._warned: set[str] = set()
         self._auto_tilings: dict[tuple, VideoTiling] = {}
+        self._tilings: dict[tuple, VideoTiling] = {}
         self.calibration: dict[str, dict[str, Any]] = {}  # filled in calibrate mode
 
     @property
@@ -506,16 +507,24 @@ class SpatioTemporalWindows(SparseMethod):
             if block == "auto":  # kernel-sized blocks where sequences are long enough for tiles to matter
                 block = AUTO_BLOCK if layout.seq_len >= AUTO_BLOCK_FROM else None
         if tile != "auto":
-            return VideoTiling.get(layout, tile, self.options.text_block, device, block)
+            return self._tiling(layout, tile, device, block)
         key = (layout, str(device))
         if key not in self._auto_tilings:  # the choice reads host-side densities: once per grid
             # Kernel-sized tiles first; smaller ones only when the grid is too small for the budget.
             for target in (128, 64, 32, 16, 8):
-                tiling = VideoTiling.get(layout, choose_tile(layout, target), self.options.text_block, device, block)
+                tiling = self._tiling(layout, choose_tile(layout, target), device, block)
                 if float(window_densities(tiling, self.options.first_frame_sink)[0, 0, 0]) <= self.budget:
                     break
             self._auto_tilings[key] = tiling
         return self._auto_tilings[key]
+
+    def _tiling(self, layout: VideoLayout, tile: Tile, device: torch.device, block: int | None) -> VideoTiling:
+        """A tiling owned by this method (its token order, plans and cached indices are device tensors that
+        must go with the method when dit-sparse is removed, not stay in a module-level cache)."""
+        key = (layout, tuple(int(x) for x in tile), str(torch.device(device)), block)
+        if key not in self._tilings:
+            self._tilings[key] = VideoTiling(layout, key[1], self.options.text_block, device, block)
+        return self._tilings[key]
 
     def plan(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> BlockPlan | None:
         layout = ctx.layout
