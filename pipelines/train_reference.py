@@ -7,6 +7,10 @@ logit-normal; AdamW (fused), bf16 autocast, TF32, cosine learning rate, EMA of t
 prompts for classifier-free guidance. Clips are rendered on the GPU every step from specs drawn on the CPU
 with a seeded generator; the held-out evaluation prompts never occur in training.
 
+Long trainings run as several runs of at most `--max-minutes` each: `--checkpoint FILE` saves the whole
+training state at the end of a run, `--resume` continues from it, and `--total-minutes` spreads the
+learning-rate schedule over all runs.
+
 `--eval-only DIR` evaluates a saved pipeline: prompt adherence on the held-out set over a small sampling
 sweep, attention concentration, and sample videos for the grid.
 """
@@ -32,6 +36,7 @@ from .reference_model import (
     build_transformer,
 )
 
+CHECKPOINT_FORMAT = "dit-sparse/train-reference-checkpoint-v1"
 EVAL_SEED_BASE = 10_000  # noise seeds of the evaluation videos (sample i uses EVAL_SEED_BASE + i)
 VALIDATION_SEED = 777  # prompt set used to choose sampling settings (distinct from the held-out set)
 
@@ -42,8 +47,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100_000, help="upper bound on optimizer steps")
     p.add_argument(
         "--max-minutes", type=float, default=8.0,
-        help="training wall time (compile included); the cosine LR schedule runs over this time budget",
+        help="this run's training wall time (compile included)",
     )
+    p.add_argument(
+        "--total-minutes", type=float, default=None,
+        help="training time over all runs of a resumed training; the cosine LR schedule runs over it "
+        "(default: --max-minutes, one run)",
+    )
+    p.add_argument("--run-steps", type=int, default=None, help="stop this run after this many optimizer steps")
+    p.add_argument(
+        "--checkpoint", type=Path, default=None,
+        help="file for the whole training state (weights, optimizer, EMA, data and noise generators, step), "
+        "written at the end of the run",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=7e-4)
     p.add_argument("--warmup", type=int, default=200)
@@ -132,6 +149,41 @@ class Trainer:
         self.step += 1
         return loss.detach()
 
+    # ------------------------------------------------------------------ checkpoints
+    def state(self, minutes: float, history: list) -> dict:
+        """Everything a later run needs to continue exactly where this one stopped."""
+        a = self.args
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "minutes": minutes,
+            "history": history,
+            "model": {"tiny": a.tiny, "params": [tuple(p.shape) for p in self.params]},
+            "params": [p.detach().cpu() for p in self.params],
+            "ema": None if self.ema is None else [e.cpu() for e in self.ema],
+            "opt": self.opt.state_dict(),
+            "data_gen": self.data_gen.get_state(),
+            "noise_gen": self.noise_gen.get_state(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Continue from `state` (from `state()`); a checkpoint of another model size is a clear error."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (format {state.get('format')!r})")
+        shapes = [tuple(p.shape) for p in self.params]
+        if state["model"]["params"] != shapes:
+            raise ValueError("the checkpoint holds another model size (--tiny differs?): start without --resume")
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["params"]):
+                p.copy_(saved)
+            if self.ema is not None and state["ema"] is not None:
+                for e, saved in zip(self.ema, state["ema"]):
+                    e.copy_(saved)
+        self.opt.load_state_dict(state["opt"])
+        self.data_gen.set_state(state["data_gen"])
+        self.noise_gen.set_state(state["noise_gen"])
+        self.step = int(state["step"])
+
     def pipeline(self, use_ema: bool, dtype: torch.dtype = torch.bfloat16) -> ReferenceVideoPipeline:
         """A pipeline holding a copy of the current (or EMA) weights in `dtype`."""
         tr, te = build_transformer(self.args.tiny), build_text_encoder(self.args.tiny)
@@ -189,17 +241,29 @@ def bench(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
 
 
 def train(args: argparse.Namespace, device: torch.device) -> tuple[Trainer, dict]:
-    """Run training until `--steps` or `--max-minutes`; returns the trainer and a log dict."""
+    """Run training until `--steps`, the run's `--max-minutes` or `--run-steps`, or the end of the
+    `--total-minutes` schedule (after `--resume`: continuing the checkpoint's step, weights, optimizer,
+    EMA and generators); returns the trainer and a log dict (earlier runs of a resumed training in it)."""
     trainer = Trainer(args, device)
+    minutes_before, history = 0.0, []
+    if args.resume and args.checkpoint is not None and args.checkpoint.exists():
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        trainer.load_state(state)
+        minutes_before, history = float(state["minutes"]), list(state["history"])
+        print(f"resumed from {args.checkpoint}: step {trainer.step}, {minutes_before:.1f} min trained", flush=True)
     if args.compile == "blocks":
         trainer.transformer.compile_repeated_blocks(fullgraph=False)
     losses: list[tuple[int, float]] = []
     acc, count = torch.zeros((), device=device), 0
     t0 = time.time()
-    budget = args.max_minutes * 60
+    total = (args.total_minutes or args.max_minutes) * 60
+    first_step = trainer.step
     progress = 0.0
     while trainer.step < args.steps and progress < 1.0:
-        progress = max((time.time() - t0) / budget, trainer.step / args.steps)
+        elapsed = time.time() - t0
+        if elapsed >= args.max_minutes * 60 or (args.run_steps is not None and trainer.step - first_step >= args.run_steps):
+            break
+        progress = max((minutes_before * 60 + elapsed) / total, trainer.step / args.steps)
         acc += trainer.train_step(progress)
         count += 1
         if trainer.step % args.log_every == 0 or trainer.step == args.steps:
@@ -213,16 +277,23 @@ def train(args: argparse.Namespace, device: torch.device) -> tuple[Trainer, dict
         losses.append((trainer.step, float(acc) / count))
     _sync(device)
     wall = time.time() - t0
-    log = {
+    run = {
         "steps": trainer.step,
+        "run_steps": trainer.step - first_step,
         "wall_s": wall,
-        "steps_per_s": trainer.step / wall,
+        "steps_per_s": (trainer.step - first_step) / wall,
         "clips_seen": trainer.step * args.batch,
         "losses": losses,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
+    log = dict(run, minutes_total=minutes_before + wall / 60, earlier_runs=history)
+    if args.checkpoint is not None:
+        args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.checkpoint.with_name(args.checkpoint.name + ".tmp")
+        torch.save(trainer.state(minutes_before + wall / 60, history + [run]), tmp)
+        tmp.replace(args.checkpoint)  # atomic: a run cut off while writing leaves the previous checkpoint
     return trainer, log
 
 

@@ -117,3 +117,28 @@ def test_bundled_model_loads_and_runs():
     assert tuple(cfg.patch_size) == (1, 4, 4) and cfg.attention_head_dim == 64
     out = p(PROMPTS[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), num_frames=2).frames
     assert out.shape == (1, 2, 64, 64, 3)
+
+
+def test_training_resumed_from_a_checkpoint_continues_exactly(tmp_path):
+    """Three steps, a checkpoint, three more in a new process state == six steps in one run (bitwise on CPU):
+    weights, EMA, optimizer moments, data stream and noise all continue where they stopped."""
+    common = ["--tiny", "--steps", "6", "--batch", "2", "--compile", "none", "--log-every", "1",
+              "--max-minutes", "1e6", "--warmup", "2"]
+    one = tr._parse(common)
+    whole, _ = tr.train(one, torch.device("cpu"))
+
+    ckpt = tmp_path / "state.pt"
+    first = tr._parse(common + ["--run-steps", "3", "--checkpoint", str(ckpt)])
+    part, log1 = tr.train(first, torch.device("cpu"))
+    assert part.step == 3 and ckpt.exists() and log1["run_steps"] == 3
+    second = tr._parse(common + ["--checkpoint", str(ckpt), "--resume"])
+    resumed, log2 = tr.train(second, torch.device("cpu"))
+    assert resumed.step == 6 and log2["run_steps"] == 3 and len(log2["earlier_runs"]) == 1
+    for a, b in zip(whole.params, resumed.params):
+        assert torch.equal(a, b)
+    for a, b in zip(whole.ema, resumed.ema):
+        assert torch.equal(a, b)
+    # A checkpoint of another model size is refused with what to do.
+    other = tr._parse(["--steps", "1", "--batch", "2", "--compile", "none", "--checkpoint", str(ckpt), "--resume"])
+    with pytest.raises(ValueError, match="another model size"):
+        tr.train(other, torch.device("cpu"))
