@@ -7,7 +7,6 @@ word for density; we do not.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,14 +83,3 @@ class SparseConfig:
     @property
     def is_dense(self) -> bool:
         return self.sparsity == 0.0 or self.method == "dense"
-
-
-def build_options(config_cls: type, options: dict[str, Any], method: str) -> Any:
-    """Construct a method's config dataclass from keyword options, rejecting unknown names clearly."""
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) {unknown} for method {method!r}; allowed: {sorted(names) or 'none'}"
-        )
-    return config_cls(**options)

@@ -27,7 +27,3 @@ class AttentionContext:
     sparsity: float
     state: dict[str, Any] = field(default_factory=dict)
     model_family: str | None = None  # the adapter's family ("wan", "flux", ...), for saved per-model configs
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.layer_name, self.branch)

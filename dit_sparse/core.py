@@ -10,7 +10,6 @@ Diffusers' own.
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +23,7 @@ from .method import SparseMethod
 from .parallel import UlyssesGroup, context_parallel_of, gathered_order, sharded_layout, ulysses_group
 from .stats import SparsityStats
 from .tracking import StepTracker
+from .warn import WarnOnce
 
 Tensor = torch.Tensor
 
@@ -46,14 +46,10 @@ class SparseAttentionCore:
         self.backend = backend
         self.stats = SparsityStats()
         self.timer: Callable[[str], Any] | None = None  # e.g. eval's AttentionTimer.section
-        self._warned: set[str] = set()
+        self._warn_once = WarnOnce("dit-sparse: running dense attention because ", stacklevel=4)
+        self._warn_layer_budget = WarnOnce("dit-sparse: ", stacklevel=4)
         self._mask_verdict: tuple[weakref.ref, int, bool] | None = None
         self._orders: dict = {}  # context parallelism's token orders per shape (parallel.gathered_order)
-
-    def _warn_once(self, reason: str) -> None:
-        if reason not in self._warned:
-            self._warned.add(reason)
-            warnings.warn(f"dit-sparse: running dense attention because {reason}", stacklevel=4)
 
     def _section(self):
         return self.timer("attention") if self.timer is not None else contextlib.nullcontext()
@@ -171,10 +167,9 @@ class SparseAttentionCore:
         if warm:
             self.method.warmup(q, k, v, ctx)
         else:
-            if _layer_budget(self.method) and "layer budget" not in self._warned:
-                self._warned.add("layer budget")
-                warnings.warn("dit-sparse: under context parallelism budget_scope='layer' shares the budget "
-                              "among each rank's heads only", stacklevel=3)
+            if _layer_budget(self.method):
+                self._warn_layer_budget("under context parallelism budget_scope='layer' shares the budget "
+                                        "among each rank's heads only")
             plan = self.method.plan(q, k, v, ctx)
         out = None if plan is None else self._execute(q, k, v, plan, ctx, scale)
         if out is None:

@@ -18,7 +18,7 @@ import torch
 
 from dit_sparse.kernels.result import AttentionResult
 
-from .config import ConfigError, SparseConfig
+from .config import ConfigError
 from .context import AttentionContext
 from .graphs import PlanGraphs
 from .plan import BlockPlan
@@ -180,8 +180,3 @@ def build_method(spec: str, sparsity: float, options: dict[str, Any]) -> tuple[S
         method = cls(sparsity, cfg, base=method) if cls.wraps else cls(sparsity, cfg)
     assert method is not None
     return method, configs
-
-
-def make_config(spec: str, sparsity: float, warmup: Any, options: dict[str, Any]) -> SparseConfig:
-    """Validated `SparseConfig` for a method spec (method options are validated by `build_method`)."""
-    return SparseConfig(method=spec, sparsity=sparsity, warmup=warmup, options=options)

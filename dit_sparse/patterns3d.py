@@ -33,6 +33,7 @@ from .layout import VideoLayout
 from .method import SparseMethod, register_method
 from .plan import BlockPlan, compact_indices
 from .tiling import Tile, VideoTiling, choose_tile
+from .warn import WarnOnce
 
 Tensor = torch.Tensor
 KINDS = ("window", "spatial", "temporal", "radial")
@@ -483,7 +484,7 @@ class SpatioTemporalWindows(SparseMethod):
             from .head_search import HeadAssignment
 
             self.assignment = HeadAssignment.load(options.head_config)
-        self._warned: set[str] = set()
+        self._warn_once = WarnOnce("dit-sparse window3d: ", stacklevel=4)
         self._auto_tilings: dict[tuple, VideoTiling] = {}
         self._tilings: dict[tuple, VideoTiling] = {}
         self.calibration: dict[str, dict[str, Any]] = {}  # filled in calibrate mode
@@ -492,11 +493,6 @@ class SpatioTemporalWindows(SparseMethod):
     def budget(self) -> float:
         """Largest density a head's pattern may have."""
         return 1.0 - self.sparsity
-
-    def _warn_once(self, msg: str) -> None:
-        if msg not in self._warned:
-            self._warned.add(msg)
-            warnings.warn(f"dit-sparse window3d: {msg}", stacklevel=4)
 
     def tiling_for(self, layout: VideoLayout, device: torch.device) -> VideoTiling:
         """The (cached) tiling this method uses for `layout`."""

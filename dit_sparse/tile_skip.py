@@ -22,7 +22,6 @@ docs/tile-skip.md for the bound, the memory math and what `sparsity` means for `
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +33,7 @@ from .config import ConfigError
 from .context import AttentionContext
 from .method import SparseMethod, register_method
 from .plan import BlockPlan, token_to_range
+from .warn import WarnOnce
 
 Tensor = torch.Tensor
 
@@ -231,7 +231,7 @@ class TileSkipCache(SparseMethod):
 
             self.calibration = load_calibration(options.calibration)
         self._stats: dict[str, list[Tensor]] = {}
-        self._warned: set[str] = set()
+        self._warn_once = WarnOnce("dit-sparse skip: ", stacklevel=3)
 
     # -------------------------------------------------------------------- configuration
     def bind_model(self, model: torch.nn.Module, layer_names: list[str] | None = None) -> None:
@@ -252,11 +252,6 @@ class TileSkipCache(SparseMethod):
                             f"using tol={self.options.tol}")
             return float(self.options.tol)
         return tol
-
-    def _warn_once(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            warnings.warn(f"dit-sparse skip: {message}", stacklevel=3)
 
     # -------------------------------------------------------------------- method interface
     def plan(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> BlockPlan | None:

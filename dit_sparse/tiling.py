@@ -193,11 +193,6 @@ class VideoTiling:
         idx = torch.arange(self.num_tiles)
         return torch.stack([idx // (nH * nW), (idx // nW) % nH, idx % nW], dim=1)
 
-    def token_tile_coords(self) -> Tensor:
-        """int64 [video_tokens, 3]: tile coordinates of each video token, in original (frame-major) order."""
-        f, r, c = self._token_coords()
-        return torch.stack([f // self.tile[0], r // self.tile[1], c // self.tile[2]], dim=1)
-
     # ------------------------------------------------------------------ physical reordering
     def permute(self, x: Tensor, dim: int = 1) -> Tensor:
         """`x` reordered along `dim` (the sequence axis) into tile-major plan order."""

@@ -40,7 +40,6 @@ class StepTracker:
         self.model_family: str | None = None
         self.generation = 0
         self.forward_calls = 0
-        self.branch_calls: dict[str, int] = {}
         self._last_t: float | None = None
         self._unnamed_in_step = 0  # forwards of the current step that came without a cache context
         self._states: dict[tuple[str, str], dict[str, Any]] = {}
@@ -77,7 +76,6 @@ class StepTracker:
             self.num_steps = int(num_steps)
         self.branch = branch or DEFAULT_BRANCH
         self.forward_calls += 1
-        self.branch_calls[self.branch] = self.branch_calls.get(self.branch, 0) + 1
 
     def new_generation(self) -> None:
         """Forget every step counter and cache: the next forward is step 0 of a new generation."""
@@ -85,7 +83,6 @@ class StepTracker:
         self._last_t = None
         self.num_steps = self.fixed_num_steps
         self._states.clear()
-        self.branch_calls.clear()
         self.forward_calls = 0
         self.generation += 1
 
@@ -107,9 +104,6 @@ class StepTracker:
             state=state,
             model_family=self.model_family,
         )
-
-    def state_keys(self) -> list[tuple[str, str]]:
-        return list(self._states)
 
 
 def _scalar_timestep(t: Any) -> float | None:

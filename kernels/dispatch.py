@@ -11,13 +11,13 @@ statistics on the CPU).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from dit_sparse.plan import BlockPlan
+from dit_sparse.warn import WarnOnce
 
 from .reference import reference_block_sparse_attention
 from .result import AttentionResult
@@ -37,7 +37,7 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 _AUTO_ORDER: list[str] = []
-_WARNED: set[str] = set()
+_warn_once = WarnOnce("dit-sparse: using the PyTorch reference attention because ", stacklevel=3)
 
 
 def register_backend(backend: Backend, auto: bool = True, first: bool = False) -> None:
@@ -108,12 +108,6 @@ def check_backend(backend: str, device: torch.device | str | None = None,
             raise ValueError(f"backend {backend!r} cannot run on {where}: {reason}; "
                              f"use backend 'auto' (falls back to the reference) or 'reference'")
     return backend
-
-
-def _warn_once(reason: str) -> None:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"dit-sparse: using the PyTorch reference attention because {reason}", stacklevel=3)
 
 
 def block_sparse_attention(

@@ -274,14 +274,45 @@ def test_bit_packing_round_trip_and_memory_formula():
         p = pack_bits(m)
         assert p.dtype == torch.uint8 and p.shape[-1] == -(-n // 8)
         assert torch.equal(unpack_bits(p, n), m)
+    # Wan2.1-14B 720p, worked out by hand: 75,600 / 64 -> 1,182 query and key ranges; 1,182 skip bits take
+    # 148 bytes, plus a 4-byte float32 budget: 152 bytes for each of 40 layers x 2 branches x 40 heads x
+    # 1,182 query ranges = 3,782,400 rows -> 574,924,800 bytes.
     wan14b = skip_cache_bytes(num_layers=40, heads=40, tokens=75_600, block=64, branches=2)
-    assert wan14b == 40 * 2 * 40 * 1182 * (148 + 4)
+    assert wan14b == 574_924_800
     assert wan14b <= 0.8e9 and wan14b <= 0.01 * 80e9
-    # The formula matches what a real cache holds (one layer, one branch, B=2, H=2, 397 tokens).
-    q, k, v, _ = _clustered_qkv(seed=10)
-    method, ctx = _skip(), _ctx({})
-    _call(method, q, k, v, ctx)
-    assert ctx.state[STATE_KEY].nbytes() == skip_cache_bytes(1, 2, 397, 64, branches=1, batch=2)
+
+
+def _measured_cache_bytes(S, B, H, block, layers, branches, permuted):
+    """Bytes the skip caches of `layers` x `branches` (layer, CFG branch) states really hold."""
+    q, k, v, _ = _clustered_qkv(B=B, H=H, S=S, seed=10)
+    if permuted:  # fixed 64-token blocks over a token order: range membership hashes are kept too
+        assert block == BLOCK
+        perm = torch.randperm(S, generator=torch.Generator().manual_seed(0))
+        base = _PermutedBlocks(0.5, _RaggedConfig(), perm)
+    else:
+        base = FullPlan(0.5, FullPlanConfig(block))
+    method = TileSkipCache(0.5, TileSkipConfig(), base=base)
+    total = 0
+    for layer in range(layers):
+        for branch in ("cond", "uncond")[:branches]:
+            ctx = _ctx({}, branch=branch, layer_name=f"blocks.{layer}.attn1")
+            for _ in range(2):  # the first call fills the cache, the second runs from it
+                _call(method, q, k, v, ctx)
+            total += ctx.state[STATE_KEY].nbytes()
+    return total
+
+
+@pytest.mark.parametrize("S, B, H, block, layers, branches, permuted", [
+    (397, 2, 2, 64, 1, 1, False),  # 7 ranges: one byte of bits per row
+    (512, 1, 3, 64, 2, 2, False),  # exactly 8 ranges: still one byte
+    (1100, 1, 2, 128, 1, 2, False),  # 9 ranges: two bytes
+    (300, 2, 1, 16, 2, 1, False),  # 19 ranges: three bytes
+    (397, 2, 2, 64, 1, 2, True),  # a token order: membership hashes of the query and key ranges
+    (512, 1, 2, 64, 2, 1, True),
+])
+def test_memory_formula_matches_what_real_caches_hold(S, B, H, block, layers, branches, permuted):
+    expected = skip_cache_bytes(layers, H, S, block, branches=branches, batch=B, variable_ranges=permuted)
+    assert _measured_cache_bytes(S, B, H, block, layers, branches, permuted) == expected
 
 
 def test_config_errors_are_clear():

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -18,8 +19,14 @@ pytest.importorskip("triton")
 HERE = Path(__file__).resolve().parent
 
 
+class InterpreterRun(NamedTuple):
+    records: list[dict]  # one per case, as the script printed them
+    returncode: int  # 0 when every case passed, 1 when one failed; anything else: the script broke
+    stderr: str
+
+
 @pytest.fixture(scope="module")
-def interpreted_results() -> list[dict]:
+def interpreted_run() -> InterpreterRun:
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, str(HERE / "_triton_interpret_cases.py")],
@@ -30,17 +37,24 @@ def interpreted_results() -> list[dict]:
         cwd=HERE.parents[1],
     )
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert records, f"no results from the interpreter run:\n{proc.stdout}\n{proc.stderr}"
-    return records
+    assert records, (f"no results from the interpreter run (exit status {proc.returncode}):\n"
+                     f"{proc.stdout}\n{proc.stderr}")
+    return InterpreterRun(records, proc.returncode, proc.stderr)
 
 
-def test_all_interpreted_cases_pass(interpreted_results: list[dict]) -> None:
-    failed = [r for r in interpreted_results if r["status"] != "ok"]
+def test_all_interpreted_cases_pass(interpreted_run: InterpreterRun) -> None:
+    failed = [r for r in interpreted_run.records if r["status"] != "ok"]
     assert not failed, json.dumps(failed, indent=1)
+    # Every reported case passed, so a non-zero exit is a failure outside them (a crash, a case that
+    # never reported, an error on the way out).
+    assert interpreted_run.returncode == 0, (
+        f"the interpreter run exited with status {interpreted_run.returncode} although every reported "
+        f"case passed:\n{interpreted_run.stderr[-6000:]}"
+    )
 
 
-def test_cases_cover_paths(interpreted_results: list[dict]) -> None:
-    names = " ".join(r["case"] for r in interpreted_results)
+def test_cases_cover_paths(interpreted_run: InterpreterRun) -> None:
+    names = " ".join(r["case"] for r in interpreted_run.records)
     for part in ("fixed16-", "fixed32x16", "fixed16x32", "var-", "bfloat16", "float16", "float32", "copy", "perm1",
                  "strided1", "d64", "d128", "dispatch-auto"):
         assert part in names, f"no interpreted case covers {part}"
