@@ -59,13 +59,13 @@ class PlanGraphs:
 
     def __init__(self) -> None:
         self._entries: dict[Hashable, _Entry] = {}
-        self._pool: Any = None
+        self._pools: dict[torch.device, Any] = {}  # one memory pool per GPU
         self.replays = 0  # for tests and benchmarks: calls served by a graph replay
 
     def clear(self) -> None:
         """Drop every graph and its memory (e.g. when the model is released)."""
         self._entries.clear()
-        self._pool = None
+        self._pools.clear()
 
     def run(self, key: Hashable, fn: Callable[..., Any], inputs: tuple[Tensor, ...]) -> Any:
         """fn(*inputs), replayed from a CUDA graph recorded for `key` and the inputs' shapes and strides."""
@@ -79,13 +79,18 @@ class PlanGraphs:
             return out
         if entry.graph is None:
             return fn(*inputs)
-        for static, x in zip(entry.inputs, inputs):
-            static.copy_(x)
-        entry.graph.replay()
+        with torch.cuda.device(inputs[0].device):  # a graph replays on its own GPU's current stream
+            for static, x in zip(entry.inputs, inputs):
+                static.copy_(x)
+            entry.graph.replay()
         self.replays += 1
         return _build(entry.spec, [t.clone() for t in entry.outputs])
 
     def _capture(self, key: Hashable, fn: Callable[..., Any], inputs: tuple[Tensor, ...]) -> _Entry:
+        with torch.cuda.device(inputs[0].device):  # record on the inputs' GPU, whichever is current
+            return self._capture_here(key, fn, inputs)
+
+    def _capture_here(self, key: Hashable, fn: Callable[..., Any], inputs: tuple[Tensor, ...]) -> _Entry:
         static = [_like(t).copy_(t) for t in inputs]
         try:
             # Run once on a side stream first (as torch.cuda.graphs recommends: lazy initialisation
@@ -97,10 +102,10 @@ class PlanGraphs:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 fn(*static)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
+            if device not in self._pools:
+                self._pools[device] = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=side):
+            with torch.cuda.graph(graph, pool=self._pools[device], stream=side):
                 out = _with_pair_counts(fn(*static))
             torch.cuda.current_stream(device).wait_stream(side)
             tensors: list[Tensor] = []
