@@ -62,11 +62,6 @@ class PlanGraphs:
         self._pools: dict[torch.device, Any] = {}  # one memory pool per GPU
         self.replays = 0  # for tests and benchmarks: calls served by a graph replay
 
-    def clear(self) -> None:
-        """Drop every graph and its memory (e.g. when the model is released)."""
-        self._entries.clear()
-        self._pools.clear()
-
     def run(self, key: Hashable, fn: Callable[..., Any], inputs: tuple[Tensor, ...]) -> Any:
         """fn(*inputs), replayed from a CUDA graph recorded for `key` and the inputs' shapes and strides."""
         if not _graphable(inputs):

@@ -344,16 +344,11 @@ def search_candidates(tiling: VideoTiling, budget: float, sink: bool = False) ->
 
 
 # ---------------------------------------------------------------------- plans
-def _indices(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(int32 [NR, NR] selected key ranges first, ascending, padded with 0; int32 [NR] counts) of a mask."""
-    return compact_indices(mask)
-
-
 def _pattern_indices(tiling: VideoTiling, patterns: tuple[TilePattern, ...]) -> tuple[Tensor, Tensor]:
     """Stacked (indices [P, NR, NR], counts [P, NR]) of distinct patterns on the tiling's device, cached."""
     key = ("pattern_indices", patterns)
     if key not in tiling._cache:
-        per = [_indices(range_mask(tiling, p)) for p in patterns]
+        per = [compact_indices(range_mask(tiling, p)) for p in patterns]
         tiling._cache[key] = (torch.stack([i for i, _ in per]).to(tiling.device),
                               torch.stack([c for _, c in per]).to(tiling.device))
     return tiling._cache[key]

@@ -154,15 +154,24 @@ class SemanticPermutation(SparseMethod):
         """K-means of the video queries and keys ([B, H, Sv, D] views), warm-started from ctx.state."""
         B, H, S, D = q.shape
         nq, nk = self.cluster_counts(S)
-        sig = (B, H, S, D, nq, nk, q.device)
-        cache = ctx.state.get(_STATE_KEY)
-        warm = cache is not None and cache["sig"] == sig
+        cache = self._warm_cache(q, ctx)
+        warm = cache is not None
         o = self.options
         iters = o.warm_iters if warm else o.cold_iters
         qr = kmeans(q, nq, iters, init=cache["q"] if warm else o.init)
         kr = kmeans(k, nk, iters, init=cache["k"] if warm else o.init)
-        ctx.state[_STATE_KEY] = {"sig": sig, "q": qr.centroids, "k": kr.centroids}
+        ctx.state[_STATE_KEY] = {"sig": self._signature(q), "q": qr.centroids, "k": kr.centroids}
         return qr, kr
+
+    def _signature(self, video_q: Tensor) -> tuple:
+        """What cached centroids must match to warm-start k-means on these video queries."""
+        B, H, S, D = video_q.shape
+        return (B, H, S, D, *self.cluster_counts(S), video_q.device)
+
+    def _warm_cache(self, video_q: Tensor, ctx: AttentionContext) -> dict | None:
+        """The cached centroids of this layer and branch when they fit `video_q`, else None (cold start)."""
+        cache = ctx.state.get(_STATE_KEY)
+        return cache if cache is not None and cache["sig"] == self._signature(video_q) else None
 
     def warmup(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> None:
         start, n = _video_span(q.shape[2], ctx)
@@ -179,12 +188,11 @@ class SemanticPermutation(SparseMethod):
         return layout == "blocks" or (layout == "auto" and video_tokens >= _AUTO_BLOCKS_FROM)
 
     def _plan(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> BlockPlan:
-        B, H, S, D = q.shape
-        start, n = _video_span(S, ctx)
-        nq, nk = self.cluster_counts(n)
-        cache = ctx.state.get(_STATE_KEY)
-        if cache is None or cache["sig"] != (B, H, n, D, nq, nk, q.device):  # cold start: once, eagerly
-            qr, kr = self.cluster(q[:, :, start : start + n], k[:, :, start : start + n], ctx)
+        start, n = _video_span(q.shape[2], ctx)
+        qv, kv = q[:, :, start : start + n], k[:, :, start : start + n]
+        cache = self._warm_cache(qv, ctx)
+        if cache is None:  # cold start: once, eagerly
+            qr, kr = self.cluster(qv, kv, ctx)
             return self._plan_from(q, k, qr, kr, start, n)
         # Warm: k-means from the cached centroids and the whole plan, replayed as one CUDA graph on GPUs.
         warm = functools.partial(self._warm_plan, start=start, n=n)

@@ -154,8 +154,7 @@ def _load_tiny(device: torch.device) -> LoadedModel:
 
 # Pipelines whose inputs default to None but which cannot run from a prompt alone (they condition on an
 # image or a video): recognised by their class names.
-_CONDITIONED_SUFFIXES = ("VideoToWorld", "VideoToVideo", "ImageToVideo", "ImageToImage", "Img2Img", "Inpaint",
-                         "InpaintPipeline", "Edit", "EditPipeline")
+_CONDITIONED_SUFFIXES = ("VideoToWorld", "VideoToVideo", "ImageToVideo", "ImageToImage", "Img2Img", "Inpaint", "Edit")
 
 
 def prompt_only_problem(pipeline_class: type) -> str | None:
@@ -170,6 +169,14 @@ def prompt_only_problem(pipeline_class: type) -> str | None:
     if name.removesuffix("Pipeline").endswith(_CONDITIONED_SUFFIXES):
         return f"{name} conditions on an image or a video besides a prompt"
     return None
+
+
+def _refuse_conditioned(model: str, pipeline_class: type) -> None:
+    """ModelLoadError when `dit-sparse generate` cannot call `pipeline_class` with a prompt alone."""
+    problem = prompt_only_problem(pipeline_class)
+    if problem is not None:
+        raise ModelLoadError(f"{model!r}: {problem}; `dit-sparse generate` runs text-to-video and text-to-image "
+                             "pipelines: use the Python API (dit_sparse.apply(pipe, ...)) for this one")
 
 
 def _pipeline_class_of(model: str) -> type | None:
@@ -193,10 +200,8 @@ def _load_diffusers(model: str, device: torch.device, dtype: torch.dtype | None)
 
     # Checked before the weights load: a pipeline that needs an image or a video would only fail at the call.
     cls = _pipeline_class_of(model)
-    problem = prompt_only_problem(cls) if cls is not None else None
-    if problem is not None:
-        raise ModelLoadError(f"{model!r}: {problem}; `dit-sparse generate` runs text-to-video and text-to-image "
-                             "pipelines: use the Python API (dit_sparse.apply(pipe, ...)) for this one")
+    if cls is not None:
+        _refuse_conditioned(model, cls)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype  # `torch_dtype` is deprecated in Diffusers 0.42
@@ -212,10 +217,7 @@ def _load_diffusers(model: str, device: torch.device, dtype: torch.dtype | None)
     if transformer is None:
         raise ModelLoadError(f"{model!r} has no `transformer` component; dit-sparse supports DiT pipelines")
     get_adapter(transformer)  # raises UnsupportedModelError naming the supported models
-    problem = prompt_only_problem(type(pipe))
-    if problem is not None:  # model_index.json could not be read before loading
-        raise ModelLoadError(f"{model!r}: {problem}; `dit-sparse generate` runs text-to-video and text-to-image "
-                             "pipelines: use the Python API (dit_sparse.apply(pipe, ...)) for this one")
+    _refuse_conditioned(model, type(pipe))  # when model_index.json could not be read before loading
     pipe = pipe.to(device)
 
     def call(prompt: str, steps: int, seed: int) -> np.ndarray:
