@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -64,20 +65,18 @@ def _prefix_length(mask: torch.Tensor, seq_len: int) -> int | None:
     return int(lo)
 
 
-class HunyuanVideoSparseAttnProcessor(SparseProcessorMixin, HunyuanVideoAttnProcessor2_0):
-    """Diffusers' HunyuanVideo processor with the joint attention routed through the sparse core."""
+class PaddedTextSparseProcessor(SparseProcessorMixin):
+    """A sparse processor for joint attention with padded text: it carries a `KeyPaddingTrim`, shared by
+    every layer of a model (given by the adapter) so the mask is analysed once per forward."""
 
-    def __init__(
-        self,
-        core,
-        layer: int,
-        name: str,
-        original: HunyuanVideoAttnProcessor2_0 | None = None,
-        trim: KeyPaddingTrim | None = None,
-    ) -> None:
+    def __init__(self, core, layer: int, name: str, original: Any = None, trim: KeyPaddingTrim | None = None) -> None:
         super().__init__()
         self._bind(core, layer, name, original)
         self.trim = trim if trim is not None else KeyPaddingTrim()
+
+
+class HunyuanVideoSparseAttnProcessor(PaddedTextSparseProcessor, HunyuanVideoAttnProcessor2_0):
+    """Diffusers' HunyuanVideo processor with the joint attention routed through the sparse core."""
 
     def __call__(
         self,

@@ -24,24 +24,12 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVid
 
 from dit_sparse.layout import VideoLayout
 
-from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
-from .hunyuan_video import KeyPaddingTrim
+from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
+from .hunyuan_video import KeyPaddingTrim, PaddedTextSparseProcessor
 
 
-class HunyuanVideo15SparseAttnProcessor(SparseProcessorMixin, HunyuanVideo15AttnProcessor2_0):
+class HunyuanVideo15SparseAttnProcessor(PaddedTextSparseProcessor, HunyuanVideo15AttnProcessor2_0):
     """Diffusers' HunyuanVideo 1.5 processor with the joint attention routed through the sparse core."""
-
-    def __init__(
-        self,
-        core,
-        layer: int,
-        name: str,
-        original: HunyuanVideo15AttnProcessor2_0 | None = None,
-        trim: KeyPaddingTrim | None = None,
-    ) -> None:
-        super().__init__()
-        self._bind(core, layer, name, original)
-        self.trim = trim if trim is not None else KeyPaddingTrim()
 
     def __call__(
         self,

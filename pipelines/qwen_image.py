@@ -27,24 +27,12 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import root_split_factor
 
-from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
-from .hunyuan_video import KeyPaddingTrim
+from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
+from .hunyuan_video import KeyPaddingTrim, PaddedTextSparseProcessor
 
 
-class QwenImageSparseAttnProcessor(SparseProcessorMixin, QwenDoubleStreamAttnProcessor2_0):
+class QwenImageSparseAttnProcessor(PaddedTextSparseProcessor, QwenDoubleStreamAttnProcessor2_0):
     """Diffusers' Qwen-Image double-stream processor with the joint attention routed through the sparse core."""
-
-    def __init__(
-        self,
-        core,
-        layer: int,
-        name: str,
-        original: QwenDoubleStreamAttnProcessor2_0 | None = None,
-        trim: KeyPaddingTrim | None = None,
-    ) -> None:
-        super().__init__()
-        self._bind(core, layer, name, original)
-        self.trim = trim if trim is not None else KeyPaddingTrim()
 
     def __call__(
         self,
