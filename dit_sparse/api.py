@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ class ExpertHandle:
     core: SparseAttentionCore
     adapter: Any
     originals: dict[str, tuple[torch.nn.Module, Any]]
+    remove_reorder: Callable[[], None] | None = None  # undoes pipelines.reorder.install, when installed
 
     @property
     def method(self):
@@ -128,8 +129,7 @@ class SparseHandle:
         for expert in self.experts.values():  # all or nothing: check every expert before undoing any
             check_detachable(expert.transformer)
         for expert in self.experts.values():
-            _restore(expert.originals)
-            detach_tracker(expert.transformer)
+            _undo(expert)
             if getattr(expert.transformer, _HANDLE_ATTR, None) is self:
                 delattr(expert.transformer, _HANDLE_ATTR)
         self.active = False
@@ -157,9 +157,32 @@ def _restore(originals: dict[str, tuple[torch.nn.Module, Any]]) -> None:
         module.set_processor(processor)
 
 
+def _undo(expert: ExpertHandle) -> None:
+    _restore(expert.originals)
+    if expert.remove_reorder is not None:
+        expert.remove_reorder()
+    detach_tracker(expert.transformer)
+
+
+def _order_fn(method: Any, config: SparseConfig) -> Callable[..., Any]:
+    """The tracking hook's choice of token order for one forward: the method's, for a sparse run on one
+    device (context parallelism shards the sequence in the model's own order)."""
+    def order(module: torch.nn.Module, layout: Any, args: tuple, kwargs: dict) -> Any:
+        if config.is_dense or layout is None or getattr(module, "_parallel_config", None) is not None:
+            return None
+        x = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        if x is None:
+            return None
+        return method.model_order(layout, x.device)
+
+    return order
+
+
 def _apply_to_expert(name: str, transformer: torch.nn.Module, adapter: Any, config: SparseConfig,
-                     num_steps: int | None, backend: str) -> ExpertHandle:
+                     num_steps: int | None, backend: str, reorder_tokens: bool = True) -> ExpertHandle:
     """Swap sparse processors into one denoiser, with a method object, tracker and statistics of its own."""
+    from dit_sparse.pipelines.reorder import install as install_reorder
+
     method_obj, _ = build_method(config.method, float(config.sparsity), config.options)
     modules = list(adapter.self_attention_modules(transformer))
     link = method_obj
@@ -176,11 +199,20 @@ def _apply_to_expert(name: str, transformer: torch.nn.Module, adapter: Any, conf
             original = module.get_processor() if hasattr(module, "get_processor") else module.processor
             originals[layer_name] = (module, original)
             module.set_processor(adapter.make_processor(original, core, layer, layer_name))
-        attach_tracker(transformer, tracker, adapter.layout, adapter.timestep)
+        hook = attach_tracker(transformer, tracker, adapter.layout, adapter.timestep)
     except Exception:
         _restore(originals)
         raise
-    return ExpertHandle(name, transformer, core, adapter, originals)
+    expert = ExpertHandle(name, transformer, core, adapter, originals)
+    points = adapter.reorder_points(transformer) if reorder_tokens else ()
+    if points:
+        try:
+            expert.remove_reorder = install_reorder(transformer, points, tracker)
+        except Exception:
+            _undo(expert)
+            raise
+        hook.order_fn = _order_fn(method_obj, config)
+    return expert
 
 
 def apply(
@@ -192,6 +224,7 @@ def apply(
     warmup_layers: int = 1,
     num_steps: int | None = None,
     backend: str = "auto",
+    reorder_tokens: bool = True,
     **options: Any,
 ) -> SparseHandle:
     """Swap sparse attention processors into a Diffusers pipeline or transformer.
@@ -210,6 +243,10 @@ def apply(
         warmup_layers: number of leading self-attention layers that stay dense (per expert).
         num_steps: total denoising steps, if the pipeline does not report them.
         backend: kernel backend ("auto", "reference", or a registered GPU backend).
+        reorder_tokens: where the method has one token order for every layer (window3d's tiles) and the
+            model allows it (Wan), run the whole transformer in that order, reordered once per forward,
+            instead of permuting q, k, v and the output in every attention call. Same output; False keeps
+            the per-call permutations (for comparison).
         **options: the method's own options (see each method's `Config`).
 
     Returns:
@@ -231,11 +268,10 @@ def apply(
     experts: list[ExpertHandle] = []
     try:
         for (name, model), adapter in zip(denoisers, adapters):
-            experts.append(_apply_to_expert(name, model, adapter, config, num_steps, backend))
+            experts.append(_apply_to_expert(name, model, adapter, config, num_steps, backend, reorder_tokens))
     except Exception:
         for expert in experts:  # all or nothing: an expert that failed must not leave the others sparse
-            _restore(expert.originals)
-            detach_tracker(expert.transformer)
+            _undo(expert)
         raise
     handle = SparseHandle(config, experts)
     for expert in experts:

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .layout import VideoLayout
+
+Tensor = torch.Tensor
 
 
 @dataclass
@@ -15,6 +19,11 @@ class AttentionContext:
     `state` is a dict private to (method, layer, CFG branch) that survives across denoising steps and is
     cleared between generations: methods keep their caches (centroids, skip lists, plans) there, so the
     cond and uncond branches never share one.
+
+    `token_order` is None when q, k and v come in the model's own token order. Otherwise the adapter runs
+    the whole transformer in the order its method asked for (`SparseMethod.model_order`): int64 [S] on the
+    device, position in this call -> the model's own token index. `layout` still describes the model's own
+    order.
     """
 
     layer: int
@@ -27,3 +36,4 @@ class AttentionContext:
     sparsity: float
     state: dict[str, Any] = field(default_factory=dict)
     model_family: str | None = None  # the adapter's family ("wan", "flux", ...), for saved per-model configs
+    token_order: Tensor | None = None

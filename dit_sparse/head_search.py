@@ -47,28 +47,37 @@ def sample_rows(tiling: VideoTiling, count: int, seed: int = 0, device: torch.de
     return pick.sort().values + L.video_start
 
 
-def _device_masks(tiling: VideoTiling, patterns: list[TilePattern], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(bool [P, NR, NR] range masks of `patterns`, int64 [S] range of each token), on `device`, cached."""
-    key = ("device_masks", tuple(patterns), str(device))
+def _device_masks(tiling: VideoTiling, patterns: list[TilePattern], device: torch.device, ordered: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """(bool [P, NR, NR] range masks of `patterns`, int64 [S] range of each token, int64 [S] range of each
+    position of the sequence as the keys come: the tiling's order when `ordered`, else the tokens'), on
+    `device`, cached."""
+    key = ("device_masks", tuple(patterns), str(device), ordered)
     if key not in tiling._cache:
         masks = torch.stack([range_mask(tiling, p) for p in patterns]).to(device)
-        tiling._cache[key] = (masks, tiling.range_of_token.to(device))
+        of_token = tiling.range_of_token
+        of_position = of_token[tiling.perm.cpu()] if ordered else of_token
+        tiling._cache[key] = (masks, of_token.to(device), of_position.to(device))
     return tiling._cache[key]
 
 
 def pattern_errors(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, patterns: list[TilePattern],
-                   rows: Tensor, scale: float | None = None, max_elems: int = 1 << 25) -> Tensor:
+                   rows: Tensor, scale: float | None = None, max_elems: int = 1 << 25, ordered: bool = False
+                   ) -> Tensor:
     """float32 [B, H, P] relative error of each pattern's masked attention on the sampled query `rows`.
 
-    q, k, v: [B, H, S, D] in original token order. Work is split over heads so the float32 logits never
+    q, k, v: [B, H, S, D] in original token order, or in the tiling's order (`tiling.perm`) when `ordered`;
+    `rows` are original token indices either way. Work is split over heads so the float32 logits never
     exceed `max_elems` elements.
     """
     B, H, S, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    full, key_range = _device_masks(tiling, patterns, q.device)  # built once per (tiling, patterns)
+    full, row_range, key_range = _device_masks(tiling, patterns, q.device, ordered)  # once per (tiling, patterns)
     if rows.device != q.device:
         rows = rows.to(q.device)
-    masks = full[:, key_range[rows]][:, :, key_range]  # [P, R, S]
+    masks = full[:, row_range[rows]][:, :, key_range]  # [P, R, S]
+    if ordered:
+        rows = tiling.inverse.to(q.device)[rows]  # where those tokens sit in the sequence as it comes
     R = rows.numel()
     chunk = max(1, min(H, max_elems // max(B * R * S, 1)))
     out = torch.empty(B, H, len(patterns), dtype=torch.float32, device=q.device)
@@ -89,10 +98,11 @@ def pattern_errors(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, pattern
 
 
 def classify_heads(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, patterns: list[TilePattern],
-                   rows: Tensor) -> Tensor:
+                   rows: Tensor, ordered: bool = False) -> Tensor:
     """Index into `patterns` of the lowest-error pattern per head (errors averaged over the batch):
-    int64 [H] on q's device (never read back, so classifying does not synchronise)."""
-    return pattern_errors(q, k, v, tiling, patterns, rows).mean(0).argmin(-1)
+    int64 [H] on q's device (never read back, so classifying does not synchronise). `ordered`: q, k, v
+    come in the tiling's order (see `pattern_errors`)."""
+    return pattern_errors(q, k, v, tiling, patterns, rows, ordered=ordered).mean(0).argmin(-1)
 
 
 # ---------------------------------------------------------------------- saved assignments

@@ -21,6 +21,7 @@ from dit_sparse.kernels.result import AttentionResult
 from .config import ConfigError
 from .context import AttentionContext
 from .graphs import PlanGraphs
+from .layout import VideoLayout
 from .plan import BlockPlan
 
 Tensor = torch.Tensor
@@ -59,6 +60,18 @@ class SparseMethod:
     def plan(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> BlockPlan | None:
         """Plan for q, k, v of shape [B, H, S, D] (views in the processor's layout); None = dense."""
         raise NotImplementedError
+
+    def model_order(self, layout: VideoLayout, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """(order, inverse), or None: a token order (int64 [S] on `device`, position -> token index; the
+        same tensor objects on every call) that every layer's plan for `layout` applies to q, k and v alike.
+
+        When a method has one, adapters that can (Wan) reorder the model's whole sequence once per forward
+        (after the patch embedding and RoPE table, back before the output projection) and the plans then
+        carry no permutation: no gather of q, k, v and scatter of the output in every layer. Everything
+        else in such a transformer is token-wise, so its output is unchanged. The calls then see
+        `ctx.token_order` set to `order`.
+        """
+        return self.base.model_order(layout, device) if self.base is not None else None
 
     def observe(self, ctx: AttentionContext, plan: BlockPlan, result: AttentionResult) -> None:
         """See the result of executing `plan` (LSE / tile stats when requested)."""

@@ -354,42 +354,45 @@ def _pattern_indices(tiling: VideoTiling, patterns: tuple[TilePattern, ...]) -> 
     return tiling._cache[key]
 
 
-def _plan_from(tiling: VideoTiling, kv_indices: Tensor, kv_counts: Tensor, batch: int) -> BlockPlan:
-    """The plan running per-head indices [H, NR, NR] / counts [H, NR] on the tiling's tile-major order."""
+def _plan_from(tiling: VideoTiling, kv_indices: Tensor, kv_counts: Tensor, batch: int, ordered: bool) -> BlockPlan:
+    """The plan running per-head indices [H, NR, NR] / counts [H, NR] on the tiling's tile-major order;
+    `ordered`: the tokens already come in that order (the model runs in it), so the plan has no permutation."""
     H, S = kv_indices.shape[0], tiling.seq_len
     offsets = tiling.offsets.view(1, 1, -1).expand(batch, H, -1)
-    perm = tiling.perm.view(1, 1, -1).expand(batch, H, S)
+    perm = None if ordered else tiling.perm.view(1, 1, -1).expand(batch, H, S)
     block = None if tiling.block is None else (tiling.block, tiling.block)
     return BlockPlan(offsets, offsets, kv_indices.unsqueeze(0).expand(batch, -1, -1, -1),
                      kv_counts.unsqueeze(0).expand(batch, -1, -1), q_perm=perm, k_perm=perm, block_size=block,
                      seq_lens=(S, S))
 
 
-def build_plan(tiling: VideoTiling, patterns: tuple[TilePattern, ...], batch: int) -> BlockPlan:
+def build_plan(tiling: VideoTiling, patterns: tuple[TilePattern, ...], batch: int, ordered: bool = False
+               ) -> BlockPlan:
     """The `BlockPlan` running head h with `patterns[h]` on `tiling` (cached in the tiling: same object on
-    a hit, so a kernel's per-plan preparation is paid once)."""
-    key = ("plan", patterns, batch)
+    a hit, so a kernel's per-plan preparation is paid once). `ordered`: for tokens already in the tiling's
+    order (`tiling.perm`), a plan without permutation."""
+    key = ("plan", patterns, batch, ordered)
     if key not in tiling._cache:
         unique = tuple(dict.fromkeys(patterns))
         idx, cnt = _pattern_indices(tiling, unique)  # built once per distinct pattern
         head_of = torch.tensor([unique.index(p) for p in patterns], device=tiling.device)
-        tiling._cache[key] = _plan_from(tiling, idx[head_of], cnt[head_of], batch)
+        tiling._cache[key] = _plan_from(tiling, idx[head_of], cnt[head_of], batch, ordered)
     return tiling._cache[key]
 
 
 def build_choice_plan(tiling: VideoTiling, candidates: tuple[TilePattern, ...], choice: Tensor,
-                      batch: int) -> BlockPlan:
+                      batch: int, ordered: bool = False) -> BlockPlan:
     """The plan running head h with `candidates[choice[h]]`, `choice` an int64 [H] device tensor: built by
     indexing on the device, so a per-head choice made on the GPU is never read back."""
     idx, cnt = _pattern_indices(tiling, candidates)
-    return _plan_from(tiling, idx[choice], cnt[choice], batch)
+    return _plan_from(tiling, idx[choice], cnt[choice], batch, ordered)
 
 
 def _classify(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, *, tiling: VideoTiling,
-              patterns: list[TilePattern]) -> Tensor:
+              patterns: list[TilePattern], ordered: bool) -> Tensor:
     from .head_search import classify_heads
 
-    return classify_heads(q, k, v, tiling, patterns, rows)
+    return classify_heads(q, k, v, tiling, patterns, rows, ordered=ordered)
 
 
 # ---------------------------------------------------------------------- method
@@ -517,13 +520,20 @@ class SpatioTemporalWindows(SparseMethod):
             self._tilings[key] = VideoTiling(layout, key[1], self.options.text_block, device, block)
         return self._tilings[key]
 
+    def model_order(self, layout: VideoLayout, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """The tiling's tile-major order: the same for every layer and head, so the model can run in it."""
+        if self.options.calibrate:  # the offline search reads the model's own order
+            return None
+        tiling = self.tiling_for(layout, device)
+        return tiling.perm, tiling.inverse
+
     def plan(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> BlockPlan | None:
         layout = ctx.layout
         if layout is None or layout.seq_len != q.shape[2]:
             self._warn_once("the model did not report a video grid matching the sequence; running dense")
             return None
         state = ctx.state
-        shape = (layout, q.device, q.shape[0], q.shape[1])
+        shape = (layout, q.device, q.shape[0], q.shape[1], ctx.token_order is not None)
         # Steady state: same call shape and no re-classification due -> the cached plan, nothing else.
         if state.get("shape") == shape and not self.options.calibrate and not self._classify_due(ctx):
             return state["plan"]
@@ -531,16 +541,21 @@ class SpatioTemporalWindows(SparseMethod):
         if self.options.calibrate:
             self._calibrate(q, k, v, ctx, tiling)
             return None
+        ordered = ctx.token_order is not None
+        if ordered and ctx.token_order is not tiling.perm:
+            self._warn_once("the model runs in a token order this method did not ask for; running dense")
+            return None
         patterns = self._head_patterns(q, k, v, ctx, tiling)
         if not isinstance(patterns[-1], Tensor):
-            key = (tiling.key, patterns, q.shape[0])
+            key = (tiling.key, patterns, q.shape[0], ordered)
             if state.get("plan_key") != key:
-                state["plan_key"], state["plan"] = key, build_plan(tiling, patterns, q.shape[0])
+                state["plan_key"], state["plan"] = key, build_plan(tiling, patterns, q.shape[0], ordered)
         else:  # online choice: a device tensor of candidate indices per head
             cands, choice = patterns
-            key = (tiling.key, cands, q.shape[0], id(choice))
+            key = (tiling.key, cands, q.shape[0], id(choice), ordered)
             if state.get("plan_key") != key:
-                state["plan_key"], state["plan"] = key, build_choice_plan(tiling, cands, choice, q.shape[0])
+                state["plan_key"], state["plan"] = key, build_choice_plan(tiling, cands, choice, q.shape[0],
+                                                                          ordered)
         state["shape"] = shape
         return state["plan"]
 
@@ -582,8 +597,9 @@ class SpatioTemporalWindows(SparseMethod):
             rows = sample_rows(tiling, opts.sample_rows, seed=opts.seed + 7919 * ctx.step + ctx.layer,
                                device=q.device)
             # Scoring the candidates is some 50 small operations: one CUDA graph replay on GPUs.
-            classify = functools.partial(_classify, tiling=tiling, patterns=list(cands))
-            heads = (cands, self.graphs.run(("classify", tiling.key, cands), classify, (q, k, v, rows)))
+            ordered = ctx.token_order is not None
+            classify = functools.partial(_classify, tiling=tiling, patterns=list(cands), ordered=ordered)
+            heads = (cands, self.graphs.run(("classify", tiling.key, cands, ordered), classify, (q, k, v, rows)))
         state["classified"] = ((tiling.key, cands, H), ctx.step, heads)
         return heads
 

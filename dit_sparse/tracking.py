@@ -37,6 +37,8 @@ class StepTracker:
         self.step = 0
         self.branch = DEFAULT_BRANCH
         self.layout: VideoLayout | None = None
+        # (order, inverse) the current forward's sequence runs in (pipelines.reorder), None = its own order.
+        self.token_order: tuple[torch.Tensor, torch.Tensor] | None = None
         self.model_family: str | None = None
         self.generation = 0
         self.forward_calls = 0
@@ -103,6 +105,7 @@ class StepTracker:
             sparsity=sparsity,
             state=state,
             model_family=self.model_family,
+            token_order=None if self.token_order is None else self.token_order[0],
         )
 
 
@@ -132,6 +135,8 @@ class StepTrackingHook(ModelHook):
         self.tracker = tracker
         self.layout_fn = layout_fn
         self.timestep_fn = timestep_fn
+        # (module, layout, args, kwargs) -> (order, inverse) | None: the token order of this forward.
+        self.order_fn: Callable[[torch.nn.Module, VideoLayout | None, tuple, dict], Any] | None = None
         # A StateManager attribute is how Diffusers finds the hook to hand it the cache context.
         self.state_manager = StateManager(_NoState)
 
@@ -149,7 +154,13 @@ class StepTrackingHook(ModelHook):
         )
         if self.layout_fn is not None:
             self.tracker.layout = self.layout_fn(module, args, kwargs)
+        order_fn = self.order_fn
+        self.tracker.token_order = None if order_fn is None else order_fn(module, self.tracker.layout, args, kwargs)
         return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        self.tracker.token_order = None  # submodules called outside a forward see the model's own order
+        return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.tracker.new_generation()

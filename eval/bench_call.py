@@ -37,13 +37,14 @@ class CallShape:
     grid: tuple[int, int, int]
     text: int = 0
     text_first: bool = False
+    reorders: bool = False  # the model's adapter runs its sequence in a method's order (pipelines.reorder)
 
 
 SHAPES = {
-    "wan1.3b-480p": CallShape(1, 12, 128, (21, 30, 52)),
+    "wan1.3b-480p": CallShape(1, 12, 128, (21, 30, 52), reorders=True),
     "cogvideox-5b-cfg": CallShape(2, 48, 64, (13, 30, 45), text=226, text_first=True),
-    "wan14b-720p": CallShape(1, 40, 128, (21, 45, 80)),
-    "bundled": CallShape(1, 4, 64, (16, 16, 16)),  # the bundled reference model (one CFG branch per call)
+    "wan14b-720p": CallShape(1, 40, 128, (21, 45, 80), reorders=True),
+    "bundled": CallShape(1, 4, 64, (16, 16, 16), reorders=True),  # the bundled model (one CFG branch per call)
 }
 METHODS = "window3d,window3d[block=128],semantic,semantic[layout=clusters],pooled,window3d+skip"
 
@@ -90,8 +91,11 @@ class SteppedCall:
 
 
 def stepped_call(spec: str, shape: CallShape, sets: list, sparsity: float, backend: str = "auto",
-                 dense_fn: Callable[[int], torch.Tensor] | None = None) -> SteppedCall:
-    """The attention core for method `spec` on `shape`, calling it on input set `i % len(sets)`."""
+                 dense_fn: Callable[[int], torch.Tensor] | None = None, reorder: bool = True) -> SteppedCall:
+    """The attention core for method `spec` on `shape`, calling it on input set `i % len(sets)`.
+
+    With `reorder` and a shape whose model runs in a method's token order (Wan), the calls see that order
+    as in a generation (`ctx.token_order`; the inputs are random, so which order they come in is moot)."""
     from dit_sparse.config import SparseConfig, WarmupConfig
     from dit_sparse.core import SparseAttentionCore
     from dit_sparse.layout import VideoLayout
@@ -105,11 +109,14 @@ def stepped_call(spec: str, shape: CallShape, sets: list, sparsity: float, backe
     core = SparseAttentionCore(SparseConfig(name, sparsity, WarmupConfig(0, 0), None), method, tracker, 1,
                                backend=backend)
     t = [1e6]
+    ordered = reorder and shape.reorders
 
     def call(i: int) -> torch.Tensor:
         t[0] -= 1.0  # a new denoising step: the tracker advances, caches see a new step
         tracker.begin_forward(t[0], "cond", None, None)
         q, k, v = sets[i % len(sets)]
+        # What the tracking hook does once per forward (a dictionary lookup after the first).
+        tracker.token_order = method.model_order(tracker.layout, q.device) if ordered else None
         return core.attend(q, k, v, layer=0, layer_name="blocks.0.attn1",
                            dense_fn=(lambda: dense_fn(i)) if dense_fn is not None else (lambda: None),
                            text_first=shape.text_first if shape.text else None)
@@ -127,7 +134,8 @@ def _cycle(spec: str) -> int:
     return max(n, 1)
 
 
-def bench_shape(key: str, methods: list[str], sparsity: float, steps: int, backend: str) -> list[dict]:
+def bench_shape(key: str, methods: list[str], sparsity: float, steps: int, backend: str, reorder: bool = True
+                ) -> list[dict]:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -148,7 +156,7 @@ def bench_shape(key: str, methods: list[str], sparsity: float, steps: int, backe
         row = dict(base, method=spec)
         try:
             name, _ = split_method_options(spec)
-            sc = stepped_call(spec, shape, sets, sparsity, backend, dense)
+            sc = stepped_call(spec, shape, sets, sparsity, backend, dense, reorder)
             core, method, tracker, call, layout = sc.core, sc.method, sc.tracker, sc.call, sc.layout
             cycle = _cycle(spec)
             n = cycle * max(1, math.ceil(steps / cycle))
@@ -158,6 +166,7 @@ def bench_shape(key: str, methods: list[str], sparsity: float, steps: int, backe
             row["ms"] = _time_steps(call, n)
             row["timed_steps"] = n
             row["replan_cycle"] = cycle
+            row["model_order"] = tracker.token_order is not None
             row["achieved_sparsity"] = round(core.stats.summary()["sparsity_in_sparse_calls"], 4)
             row["fallback_calls"] = core.stats.fallback_calls
             # The plan and backend of the last call, for the tile efficiency.
@@ -266,7 +275,8 @@ def print_table(rows: list[dict], device: str) -> None:
     for r in rows:
         f = lambda key, fmt, r=r: format(r[key], fmt) if r.get(key) is not None else "-"
         sync = r.get("sync_free", "-")
-        print(f"{r['shape']:<17} {r['method']:<30} {r.get('backend', '-'):<9} {f('achieved_sparsity', '6.3f'):>6} "
+        name = r["method"] + (" (model order)" if r.get("model_order") else "")
+        print(f"{r['shape']:<17} {name:<30} {r.get('backend', '-'):<9} {f('achieved_sparsity', '6.3f'):>6} "
               f"{f('ms', '8.3f'):>8} {f('speedup', '7.2f'):>7} {f('plan_ms', '8.3f'):>8} "
               f"{f('tile_efficiency', '8.3f'):>8} {sync[:9]:>9}")
         if r.get("kernel_ms"):
@@ -284,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--steps", type=int, default=20, help="timed steps per method (rounded up to whole cycles)")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--no-reorder", action="store_true",
+                   help="methods permute q, k, v in every call even where the model could run in their order")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/call-<gpu>.json)")
     ns = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -295,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         if key not in SHAPES:
             print(f"unknown shape {key!r}; choose from {list(SHAPES)}")
             return 2
-        rows += bench_shape(key, split_method_list(ns.methods), ns.sparsity, ns.steps, ns.backend)
+        rows += bench_shape(key, split_method_list(ns.methods), ns.sparsity, ns.steps, ns.backend,
+                            reorder=not ns.no_reorder)
         print(json.dumps(rows[-1]), flush=True)
     from dit_sparse.kernels import auto_order
 

@@ -122,7 +122,7 @@ def _time_block_ms(fn: Callable[[], Any], n: int) -> float:
 
 
 def bench_model(case: ModelCase, methods: list[str], sparsities: list[float], reps: int,
-                backend: str, compile: bool = False) -> list[dict]:
+                backend: str, compile: bool = False, reorder: bool = True) -> list[dict]:
     """Rows of forward times for dense, the attention-free floor and each method; with `compile`, Diffusers'
     regional compile (`compile_repeated_blocks(fullgraph=True)`) runs for all of them."""
     from diffusers.models.attention_dispatch import attention_backend
@@ -135,6 +135,7 @@ def bench_model(case: ModelCase, methods: list[str], sparsities: list[float], re
     kwargs = case.inputs(model)
     rows: list[dict] = []
     tag = " (compiled)" if compile else ""
+    order_tag = "" if reorder else " (per-call perms)"
     if compile:  # the same compiled block class serves dense, floor and every method (each recompiles once)
         model.compile_repeated_blocks(fullgraph=True)
     step = {"t": 999.0}
@@ -160,11 +161,11 @@ def bench_model(case: ModelCase, methods: list[str], sparsities: list[float], re
                          ms=floor))
         for method in methods:
             for s in sparsities:
-                row = dict(model=case.name, shape=case.shape, method=method + tag, sparsity=s)
+                row = dict(model=case.name, shape=case.shape, method=method + tag + order_tag, sparsity=s)
                 name, opts = split_method_options(method)
                 try:
                     handle = dit_sparse.apply(model, name, s, warmup_steps=0, warmup_layers=0, backend=backend,
-                                              **opts)
+                                              reorder_tokens=reorder, **opts)
                     # Whole re-planning cycles, each forward a new denoising step: planning is paid in the
                     # mean as often as in a generation (replan_every / window3d's classify_every).
                     cycle = _cycle(method)
@@ -183,7 +184,7 @@ def bench_model(case: ModelCase, methods: list[str], sparsities: list[float], re
                         continue
                     # the same method with the default dense first layer, for the 50-step estimate
                     handle = dit_sparse.apply(model, name, s, warmup_steps=0, warmup_layers=1, backend=backend,
-                                              **opts)
+                                              reorder_tokens=reorder, **opts)
                     forward()
                     row["ms_warmup_layer"] = _time_ms(forward, max(1, reps // 2))
                     handle.remove()
@@ -232,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--compile", action="store_true",
                    help="Diffusers' regional compile (compile_repeated_blocks(fullgraph=True)) for every row")
+    p.add_argument("--no-reorder", action="store_true",
+                   help="keep per-call permutations where the model could run in a method's token order")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/e2e-<gpu>.json)")
     ns = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -244,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unknown model {key!r}; choose from {sorted(CASES)}")
             return 2
         rows += bench_model(CASES[key](), split_method_list(ns.methods),
-                            [float(s) for s in ns.sparsities.split(",")], ns.reps, ns.backend, ns.compile)
+                            [float(s) for s in ns.sparsities.split(",")], ns.reps, ns.backend, ns.compile,
+                            reorder=not ns.no_reorder)
         torch.cuda.empty_cache()  # the model of that case is gone with bench_model's frame
         print(json.dumps(rows[-1]), flush=True)
     out = ns.out or os.path.join("benchmarks", f"e2e-{device.replace(' ', '_')}.json")

@@ -15,6 +15,8 @@ import torch
 
 from dit_sparse.layout import VideoLayout
 
+from .reorder import ReorderPoint
+
 
 class UnsupportedModelError(ValueError):
     """The transformer is not one dit-sparse knows how to make sparse."""
@@ -54,6 +56,11 @@ class ModelAdapter:
     def layout(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout | None:
         """Token grid of the forward call about to run (text tokens are added per attention call)."""
         raise NotImplementedError
+
+    def reorder_points(self, model: torch.nn.Module) -> tuple[ReorderPoint, ...]:
+        """Where `model` can run its whole sequence in a method's token order (`pipelines.reorder`); empty
+        (the default) when it cannot, and the plans then permute q, k and v in every attention call."""
+        return ()
 
 
 class SparseProcessorMixin:

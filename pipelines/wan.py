@@ -15,6 +15,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 from dit_sparse.layout import VideoLayout
 
 from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
+from .reorder import ReorderPoint, back_along
 
 
 def _apply_wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,40 @@ class WanAdapter(ModelAdapter):
         pt, ph, pw = model.config.patch_size
         _, _, f, h, w = x.shape
         return VideoLayout(f // pt, h // ph, w // pw)
+
+    def reorder_points(self, model: torch.nn.Module) -> tuple[ReorderPoint, ...]:
+        """Wan's own transformer is token-wise outside self-attention (norms, MLP, cross-attention queries,
+        per-token modulation in Wan 2.2 TI2V): its sequence can run in a method's order from the patch
+        embedding to the output projection. The Wan-derived families (VACE hints, SkyReels masks, Animate,
+        ChronoEdit) keep per-call permutations."""
+        if type(model).__name__ != "WanTransformer3DModel":
+            return ()
+        return (
+            ReorderPoint("patch_embedding", "output", _patches_in_order),
+            ReorderPoint("rope", "output", lambda out, order, inverse: tuple(t.index_select(1, order) for t in out)),
+            ReorderPoint("condition_embedder", "input", _timesteps_in_order),
+            ReorderPoint("proj_out", "output", back_along(1)),
+        )
+
+
+def _patches_in_order(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    # Wan's forward flattens this [B, C, F, H, W] output into the sequence at once: the flattened positions
+    # are reordered and handed back in the same shape, so that flatten yields the sequence in `order`.
+    return x.flatten(2).index_select(2, order).view(x.shape)
+
+
+def _timesteps_in_order(call: tuple[tuple, dict], order: torch.Tensor, inverse: torch.Tensor
+                        ) -> tuple[tuple, dict]:
+    # Wan 2.2 TI2V passes one timestep per token, flattened to [B * S]: those follow the tokens.
+    args, kwargs = call
+    seq = kwargs.get("timestep_seq_len")
+    if seq is None:
+        return call
+    if "timestep" in kwargs:
+        kwargs = {**kwargs, "timestep": kwargs["timestep"].view(-1, seq).index_select(1, order).flatten()}
+    else:
+        args = (args[0].view(-1, seq).index_select(1, order).flatten(), *args[1:])
+    return args, kwargs
 
 
 @register_adapter
