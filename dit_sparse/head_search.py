@@ -75,9 +75,12 @@ def pattern_errors(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, pattern
     full, row_range, key_range = _device_masks(tiling, patterns, q.device, ordered)  # once per (tiling, patterns)
     if rows.device != q.device:
         rows = rows.to(q.device)
-    masks = full[:, row_range[rows]][:, :, key_range]  # [P, R, S]
+    row_masks = full[:, row_range[rows]]  # [P, R, NR]
     if ordered:
         rows = tiling.inverse.to(q.device)[rows]  # where those tokens sit in the sequence as it comes
+    if tiling.block is not None:
+        return _errors_by_block(q, k, v, tiling, row_masks, rows, scale, max_elems, ordered)
+    masks = row_masks[:, :, key_range]  # [P, R, S]
     R = rows.numel()
     chunk = max(1, min(H, max_elems // max(B * R * S, 1)))
     out = torch.empty(B, H, len(patterns), dtype=torch.float32, device=q.device)
@@ -94,6 +97,48 @@ def pattern_errors(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, pattern
             masked = torch.softmax(logits.masked_fill(~masks[j], -math.inf), -1)
             approx = torch.matmul(masked.to(vs.dtype), vs).float()
             out[:, hs, j] = (approx - exact).square().sum((-1, -2)) / norm
+    return out
+
+
+def _errors_by_block(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, row_masks: Tensor, rows: Tensor,
+                     scale: float, max_elems: int, ordered: bool) -> Tensor:
+    """`pattern_errors` for fixed-block ranges, from one exponential of the logits.
+
+    In the tiling's order every range is `block` consecutive keys (the last may be short), so each sampled
+    row's unnormalised weights p = exp(s - max s) are summed per block once, as mass l[r, n] and output
+    o[r, n] = sum_t p_t v_t; any pattern's masked output is then sum_n m[r, n] o[r, n] / sum_n m[r, n] l[r, n].
+    That replaces a masked copy and a softmax of the [R, S] logits per pattern (most of the time of an
+    online classification) by small sums over [R, NR]. Keys not yet in that order are gathered into it.
+    """
+    B, H, S, D = q.shape
+    P, R, NR = row_masks.shape
+    bs, full = tiling.block, S // tiling.block
+    m = row_masks.to(torch.float32)  # [P, R, NR]
+    chunk = max(1, min(H, max_elems // max(B * R * S, 1)))
+    out = torch.empty(B, H, P, dtype=torch.float32, device=q.device)
+    for h0 in range(0, H, chunk):
+        hs = slice(h0, min(H, h0 + chunk))
+        ks, vs = k[:, hs], v[:, hs]
+        if not ordered:
+            ks, vs = ks.index_select(2, tiling.perm), vs.index_select(2, tiling.perm)
+        qs = q[:, hs].index_select(2, rows)
+        logits = torch.matmul(qs, ks.transpose(-1, -2)).float() * scale  # [B, h, R, S]
+        p = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        h = qs.shape[1]
+        pb = p[..., : full * bs].unflatten(-1, (full, bs))  # [B, h, R, NB, bs]
+        mass = pb.sum(-1)  # [B, h, R, NB]
+        # Per (batch, head, block): [R, bs] @ [bs, D], in the inputs' dtype with float32 accumulation.
+        outs = torch.matmul(pb.to(vs.dtype).transpose(2, 3), vs[:, :, : full * bs].reshape(B, h, full, bs, D))
+        outs = outs.float().transpose(2, 3)  # [B, h, R, NB, D]
+        if full < NR:  # the short last block
+            tail = p[..., full * bs:]
+            mass = torch.cat([mass, tail.sum(-1, keepdim=True)], -1)
+            tail_out = torch.matmul(tail.to(vs.dtype), vs[:, :, full * bs:]).float()
+            outs = torch.cat([outs, tail_out.unsqueeze(3)], 3)
+        exact = outs.sum(3) / mass.sum(3, keepdim=True)  # [B, h, R, D]
+        norm = exact.square().sum((-1, -2)).clamp_min(torch.finfo(torch.float32).tiny)
+        approx = torch.einsum("prn,bhrnd->bhprd", m, outs) / torch.einsum("prn,bhrn->bhpr", m, mass)[..., None]
+        out[:, hs] = (approx - exact[:, :, None]).square().sum((-1, -2)) / norm[..., None]
     return out
 
 

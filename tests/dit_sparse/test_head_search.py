@@ -41,6 +41,28 @@ def test_pattern_errors_match_float64_masked_attention():
         torch.testing.assert_close(got[..., j].double(), want, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("block,ordered", [(None, True), (16, False), (16, True), (32, True)])
+def test_pattern_errors_on_blocks_and_tile_order_match_float64(block, ordered):
+    """Fixed blocks (scored from per-block sums, the last block short) and tokens already in the tiling's
+    order (the model running in it) against the float64 masked softmax in the model's own order."""
+    layout = VideoLayout(3, 7, 5, 5, False)  # 105 video + 5 text tokens: no block size divides it
+    T = VideoTiling(layout, (1, 4, 4), text_block=4, block=block)
+    pats = [TilePattern("window", (1, 1, 2)), TilePattern("radial", (2, 2, 1), sink=True)]
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, layout.seq_len, 64, generator=g) for _ in range(3))
+    rows = sample_rows(T, 13, seed=2)
+    given = [t.index_select(2, T.perm) for t in (q, k, v)] if ordered else [q, k, v]
+    got = pattern_errors(*given, T, pats, rows, max_elems=2 * 13 * layout.seq_len, ordered=ordered)
+    s = (q.double()[:, :, rows] @ k.double().transpose(-1, -2)) / 8.0
+    exact = torch.softmax(s, -1) @ v.double()
+    for j, p in enumerate(pats):
+        mask = build_plan(T, (p,) * 3, batch=2).token_mask()[:, :, rows]
+        approx = torch.softmax(s.masked_fill(~mask, -math.inf), -1) @ v.double()
+        want = (approx - exact).square().sum((-1, -2)) / exact.square().sum((-1, -2))
+        torch.testing.assert_close(got[..., j].double(), want, rtol=1e-4, atol=1e-7)
+    assert float(got.std()) > 0  # the patterns and heads really differ
+
+
 def _synthetic_heads(layout: VideoLayout, batch: int = 2, dim: int = 64):
     """Head 0 attends the same spatial position in every frame, head 1 everything in its own frame."""
     g = torch.Generator().manual_seed(0)
