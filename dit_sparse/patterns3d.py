@@ -501,7 +501,7 @@ class SpatioTemporalWindows(SparseMethod):
             if block == "auto":  # kernel-sized blocks where sequences are long enough for tiles to matter
                 block = AUTO_BLOCK if layout.seq_len >= AUTO_BLOCK_FROM else None
         if tile != "auto":
-            return self._tiling(layout, tile, device, block)
+            return self._as_blocks(self._tiling(layout, tile, device, block))
         key = (layout, str(device))
         if key not in self._auto_tilings:  # the choice reads host-side densities: once per grid
             # Kernel-sized tiles first; smaller ones only when the grid is too small for the budget.
@@ -509,8 +509,19 @@ class SpatioTemporalWindows(SparseMethod):
                 tiling = self._tiling(layout, choose_tile(layout, target), device, block)
                 if float(window_densities(tiling, self.options.first_frame_sink)[0, 0, 0]) <= self.budget:
                     break
-            self._auto_tilings[key] = tiling
+            self._auto_tilings[key] = self._as_blocks(tiling)
         return self._auto_tilings[key]
+
+    def _as_blocks(self, tiling: VideoTiling) -> VideoTiling:
+        """With block="auto", exact tiles that are all AUTO_BLOCK tokens (a grid the tile divides, text in
+        whole blocks) are fixed blocks already: the same ranges, marked as fixed blocks so the fixed-block
+        kernels (flash-attn-4) and their cheaper per-plan preparation run them."""
+        if self.assignment is not None or self.options.block != "auto" or tiling.block is not None:
+            return tiling
+        sizes = tiling.unit_offsets[1:] - tiling.unit_offsets[:-1]
+        if not bool((sizes == AUTO_BLOCK).all()):
+            return tiling
+        return self._tiling(tiling.layout, tiling.tile, tiling.device, AUTO_BLOCK)
 
     def _tiling(self, layout: VideoLayout, tile: Tile, device: torch.device, block: int | None) -> VideoTiling:
         """A tiling owned by this method (its token order, plans and cached indices are device tensors that

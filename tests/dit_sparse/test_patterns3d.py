@@ -251,3 +251,21 @@ def test_auto_tile_fills_kernel_tiles():
     method, _ = build_method("window3d", 0.75, {"pattern": "window"})
     T = method.tiling_for(VideoLayout(4, 8, 10), torch.device("cpu"))
     assert pattern_density(T, choose_pattern(T, "window", 0.25)) <= 0.25 + 1e-12
+
+
+@pytest.mark.parametrize("layout,blocked", [
+    (VideoLayout(16, 16, 16), True),  # 128-token (2, 8, 8) tiles tile the grid exactly
+    (VideoLayout(5, 13, 11), False),  # ragged edge tiles: exact tiles stay
+    (VideoLayout(4, 16, 16, text_tokens=100, text_first=True), False),  # a short text unit
+])
+def test_auto_block_marks_exact_128_token_tiles_as_fixed_blocks(layout, blocked):
+    """Below 8,192 tokens block="auto" keeps exact tiles, unless every tile already is a 128-token block:
+    then the plan is the same, only marked as fixed blocks (flash-attn-4 runs it)."""
+    auto, _ = build_method("window3d", 0.8, {"pattern": "spatial"})
+    exact, _ = build_method("window3d", 0.8, {"pattern": "spatial", "block": None})
+    ta, te = auto.tiling_for(layout, "cpu"), exact.tiling_for(layout, "cpu")
+    assert (ta.block == 128) is blocked and te.block is None and ta.tile == te.tile
+    pa = build_plan(ta, (choose_pattern(ta, "spatial", 0.2),) * 2, batch=1)
+    pe = build_plan(te, (choose_pattern(te, "spatial", 0.2),) * 2, batch=1)
+    assert torch.equal(pa.token_mask(), pe.token_mask())
+    assert (pa.block_size == (128, 128)) is blocked
