@@ -13,9 +13,7 @@ input signature and replayed: one launch per call.
   then records it into a CUDA graph on copies of the inputs ("static inputs");
 * later calls copy the inputs into the static inputs, replay, and return *clones* of the outputs: one
   graph serves every layer with that signature, so its output memory is overwritten by the next layer's
-  replay, while a plan may be kept for several steps (`replan_every`);
-* large inputs (q, k) that come back at an address seen before are read where they lie by a graph
-  recorded for that address (no copy; `PlanGraphs._direct`).
+  replay, while a plan may be kept for several steps (`replan_every`).
 
 `fn` must be a pure function of its tensor inputs: everything else it reads (options, Python-int shapes,
 the text range) belongs in `key`. Its result may be a tensor, None, a `BlockPlan` or a tuple of these;
@@ -48,18 +46,12 @@ def enabled() -> bool:
     return os.environ.get("DIT_SPARSE_CUDA_GRAPHS", "1") != "0"
 
 
-_DIRECT_MIN_ELEMS = 1 << 20  # inputs at least this large are read where they lie (see `PlanGraphs.run`)
-_MAX_DIRECT = 8  # recorded input addresses per signature
-
-
 @dataclasses.dataclass
 class _Entry:
     graph: Any  # torch.cuda.CUDAGraph, or None when capture failed (then run eagerly)
-    inputs: list[Tensor | None]  # static inputs, copied into before a replay; None: read in place
+    inputs: list[Tensor]
     outputs: list[Tensor]
     spec: Any
-    direct: dict[tuple, _Entry] = dataclasses.field(default_factory=dict)  # by the large inputs' addresses
-    seen: dict[tuple, int] = dataclasses.field(default_factory=dict)
 
 
 class PlanGraphs:
@@ -82,49 +74,19 @@ class PlanGraphs:
             return out
         if entry.graph is None:
             return fn(*inputs)
-        entry = self._direct(entry, key, fn, inputs)
         with torch.cuda.device(inputs[0].device):  # a graph replays on its own GPU's current stream
             for static, x in zip(entry.inputs, inputs):
-                if static is not None:
-                    static.copy_(x)
+                static.copy_(x)
             entry.graph.replay()
         self.replays += 1
         return _build(entry.spec, [t.clone() for t in entry.outputs])
-
-    def _direct(self, entry: _Entry, key: Hashable, fn: Callable[..., Any], inputs: tuple[Tensor, ...]) -> _Entry:
-        """The graph to replay: one that reads the large inputs where they lie when these addresses came
-        before (recorded the second time they come), else `entry`, which copies every input first.
-
-        A denoising loop allocates the same tensors in the same order every step, so a layer's q and k
-        come back at the same addresses: copying them into static inputs (two passes over each) is then
-        avoidable. A graph is only replayed on tensors at exactly the addresses, shapes and strides it
-        was recorded with, which hold the current call's data."""
-        large = tuple(t.data_ptr() if t.numel() >= _DIRECT_MIN_ELEMS else None for t in inputs)
-        if all(p is None for p in large):
-            return entry
-        found = entry.direct.get(large)
-        if found is not None:
-            return found
-        entry.seen[large] = entry.seen.get(large, 0) + 1
-        if entry.seen[large] < 2 or len(entry.direct) >= _MAX_DIRECT:
-            return entry
-        with torch.cuda.device(inputs[0].device):
-            direct = self._capture_here(key, fn, inputs, in_place=[p is not None for p in large], warm=False)
-        if direct.graph is None:  # reported once; these addresses keep the copying graph
-            direct = entry
-        entry.direct[large] = direct
-        return direct
 
     def _capture(self, key: Hashable, fn: Callable[..., Any], inputs: tuple[Tensor, ...]) -> _Entry:
         with torch.cuda.device(inputs[0].device):  # record on the inputs' GPU, whichever is current
             return self._capture_here(key, fn, inputs)
 
-    def _capture_here(self, key: Hashable, fn: Callable[..., Any], inputs: tuple[Tensor, ...],
-                      in_place: list[bool] | None = None, warm: bool = True) -> _Entry:
-        """Record fn on static copies of the inputs, or, where `in_place[i]`, on input i itself."""
-        keep = in_place or [False] * len(inputs)
-        static = [None if direct else _like(t).copy_(t) for t, direct in zip(inputs, keep)]
-        args = [t if s is None else s for t, s in zip(inputs, static)]
+    def _capture_here(self, key: Hashable, fn: Callable[..., Any], inputs: tuple[Tensor, ...]) -> _Entry:
+        static = [_like(t).copy_(t) for t in inputs]
         try:
             # Run once on a side stream first (as torch.cuda.graphs recommends: lazy initialisation
             # such as cuBLAS workspaces must not happen inside the capture).
@@ -133,14 +95,13 @@ class PlanGraphs:
             device = inputs[0].device
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
-            if warm:
-                with torch.cuda.stream(side):
-                    fn(*args)
+            with torch.cuda.stream(side):
+                fn(*static)
             if device not in self._pools:
                 self._pools[device] = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pools[device], stream=side):
-                out = _with_pair_counts(fn(*args))
+                out = _with_pair_counts(fn(*static))
             torch.cuda.current_stream(device).wait_stream(side)
             tensors: list[Tensor] = []
             spec = _flatten(out, tensors)

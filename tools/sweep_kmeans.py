@@ -32,6 +32,34 @@ def _ms(fn, reps: int = 50) -> float:
     return start.elapsed_time(end) / reps
 
 
+def _sweep(x: torch.Tensor, K: int) -> None:
+    """Time every launch setting of both kernels for K clusters and print the three fastest."""
+    c = x[:, :, :: x.shape[2] // K][:, :, :K].float().contiguous()
+    base = _ms(lambda: assign(x, c))
+    rows = []
+    for bs, bk, w in itertools.product((64, 128, 256), (32, 64, 128), (4, 8)):
+        try:
+            rows.append((_ms(lambda bs=bs, bk=bk, w=w: assign(x, c, block_s=bs, block_k=bk, num_warps=w)),
+                         f"block_s={bs} block_k={bk} warps={w}"))
+        except Exception as exc:  # out of shared memory / registers: not a candidate
+            rows.append((float("inf"), f"block_s={bs} block_k={bk} warps={w}: {type(exc).__name__}"))
+    rows.sort()
+    print(f"assign K={K}: default {base:.4f} ms; best: " + "; ".join(f"{ms:.4f} {n}" for ms, n in rows[:3]))
+    labels = assign(x, c)
+    perm, _ = sort_by_label(labels, K)
+    base = _ms(lambda: segment_sum(x, perm, labels, K))
+    rows = []
+    for br, w in itertools.product((32, 64, 128, 256), (2, 4, 8)):
+        try:
+            rows.append((_ms(lambda br=br, w=w: segment_sum(x, perm, labels, K, block_r=br, num_warps=w)),
+                         f"block_r={br} warps={w}"))
+        except Exception as exc:
+            rows.append((float("inf"), f"block_r={br} warps={w}: {type(exc).__name__}"))
+    rows.sort()
+    print(f"segment_sum K={K}: default {base:.4f} ms; best: " + "; ".join(f"{ms:.4f} {n}" for ms, n in rows[:3]))
+    print(f"sort_by_label K={K}: {_ms(lambda: sort_by_label(labels, K)):.4f} ms")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--heads", type=int, default=12)
@@ -43,30 +71,7 @@ def main(argv=None) -> int:
     x = x.transpose(1, 2)  # [B, H, S, D] view of Diffusers' layout, as semantic gets it
     print(f"{torch.cuda.get_device_name()}: x {tuple(x.shape)} bf16")
     for K in default_clusters(ns.tokens):
-        c = x[:, :, :: ns.tokens // K][:, :, :K].float().contiguous()
-        base = _ms(lambda: assign(x, c))
-        rows = []
-        for bs, bk, w in itertools.product((64, 128, 256), (32, 64, 128), (4, 8)):
-            try:
-                rows.append((_ms(lambda bs=bs, bk=bk, w=w: assign(x, c, block_s=bs, block_k=bk, num_warps=w)),
-                             f"block_s={bs} block_k={bk} warps={w}"))
-            except Exception as exc:  # out of shared memory / registers: not a candidate
-                rows.append((float("inf"), f"block_s={bs} block_k={bk} warps={w}: {type(exc).__name__}"))
-        rows.sort()
-        print(f"assign K={K}: default {base:.4f} ms; best: " + "; ".join(f"{ms:.4f} {n}" for ms, n in rows[:3]))
-        labels = assign(x, c)
-        perm, _ = sort_by_label(labels, K)
-        base = _ms(lambda: segment_sum(x, perm, labels, K))
-        rows = []
-        for br, w in itertools.product((32, 64, 128, 256), (2, 4, 8)):
-            try:
-                rows.append((_ms(lambda br=br, w=w: segment_sum(x, perm, labels, K, block_r=br, num_warps=w)),
-                             f"block_r={br} warps={w}"))
-            except Exception as exc:
-                rows.append((float("inf"), f"block_r={br} warps={w}: {type(exc).__name__}"))
-        rows.sort()
-        print(f"segment_sum K={K}: default {base:.4f} ms; best: " + "; ".join(f"{ms:.4f} {n}" for ms, n in rows[:3]))
-        print(f"sort_by_label K={K}: {_ms(lambda: sort_by_label(labels, K)):.4f} ms")
+        _sweep(x, K)
     return 0
 
 
