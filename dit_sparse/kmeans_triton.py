@@ -15,8 +15,10 @@ then `dit_sparse.kmeans.segment_means` (prefix sums over the sorted tokens).
   depend on the order in which chunks finish.
 
 Launch settings: `python tools/sweep_kmeans.py` on an H200 (2026-12-01, Wan-1.3B's 12 x 32,760 x 128 bf16
-points, 128 / 256 clusters): assign 0.069 / 0.102 ms with the defaults below (was 0.113 / 0.104 with 64
-centroids per step and 8 warps), segment_sum 0.055 / 0.052 ms with 2 warps (was 0.073 / 0.080 with 4).
+points, 128 / 256 clusters; two runs, ~10% apart): assign with 128 clusters 0.069-0.070 ms at 128 points x
+32 centroids, 4 warps (was 0.113 at 128 x 64, 8 warps); with 256 clusters 256 x 64, 8 warps was fastest in
+both runs (0.098 / 0.110 ms; 128 x 64, 8 warps 0.104 / 0.110). segment_sum 0.050-0.055 ms with 2 warps
+(was 0.073 / 0.080 with 4).
 """
 
 from __future__ import annotations
@@ -130,18 +132,21 @@ def _need_triton() -> None:
         raise RuntimeError("Triton is not installed; use dit_sparse.kmeans (it falls back to PyTorch)")
 
 
-def assign(x: Tensor, centroids: Tensor, block_s: int = 128, block_k: int | None = None, num_warps: int = 4
-           ) -> Tensor:
+def assign(x: Tensor, centroids: Tensor, block_s: int | None = None, block_k: int | None = None,
+           num_warps: int | None = None) -> Tensor:
     """Nearest centroid (int32 [B, H, S]) of every point of x [B, H, S, D] (any strides).
 
     Dot products run in x's dtype (bf16/fp16 tensor cores, tf32 for float32) with float32 accumulation;
-    centroid norms are float32. `block_k` None: 32 centroids per step up to 128 clusters, else 64.
+    centroid norms are float32. Launch settings left as None follow the measured table (module docstring):
+    128 points x 32 centroids per step and 4 warps up to 128 clusters, 256 x 64 and 8 warps above.
     """
     _need_triton()
     B, H, S, D = x.shape
     K = centroids.shape[2]
-    if block_k is None:
-        block_k = 32 if K <= 128 else 64
+    few = K <= 128
+    block_s = block_s or (128 if few else 256)
+    block_k = block_k or (32 if few else 64)
+    num_warps = num_warps or (4 if few else 8)
     c = centroids.reshape(B * H, K, D)
     c_norm = (c * c).sum(-1).contiguous()
     c_in = c.to(x.dtype).contiguous()
