@@ -102,18 +102,20 @@ def pattern_errors(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, pattern
 
 def _errors_by_block(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, row_masks: Tensor, rows: Tensor,
                      scale: float, max_elems: int, ordered: bool) -> Tensor:
-    """`pattern_errors` for fixed-block ranges, from one exponential of the logits.
+    """`pattern_errors` for fixed-block ranges, from per-block partial sums of the sampled rows' attention.
 
-    In the tiling's order every range is `block` consecutive keys (the last may be short), so each sampled
-    row's unnormalised weights p = exp(s - max s) are summed per block once, as mass l[r, n] and output
-    o[r, n] = sum_t p_t v_t; any pattern's masked output is then sum_n m[r, n] o[r, n] / sum_n m[r, n] l[r, n].
-    That replaces a masked copy and a softmax of the [R, S] logits per pattern (most of the time of an
-    online classification) by small sums over [R, NR]. Keys not yet in that order are gathered into it.
+    In the tiling's order every range is `block` consecutive keys (the last may be short), so one pass over
+    the keys gives each sampled row's max logit m[r, n], mass l[r, n] and unnormalised output o[r, n] per
+    block (`kernels.block_sums`: one Triton program per key block on GPUs). Any pattern's masked output is
+    then sum_n mask[r, n] w[r, n] o[r, n] / sum_n mask[r, n] w[r, n] l[r, n] with w = exp(m - max_n m): small
+    sums over [R, NR] instead of a masked copy and a softmax of the [R, S] logits per pattern. Keys not yet
+    in the tiling's order are gathered into it.
     """
+    from dit_sparse.kernels.block_sums import block_sums
+
     B, H, S, D = q.shape
     P, R, NR = row_masks.shape
-    bs, full = tiling.block, S // tiling.block
-    m = row_masks.to(torch.float32)  # [P, R, NR]
+    m_sel = row_masks.to(torch.float32)  # [P, R, NR]
     chunk = max(1, min(H, max_elems // max(B * R * S, 1)))
     out = torch.empty(B, H, P, dtype=torch.float32, device=q.device)
     for h0 in range(0, H, chunk):
@@ -121,23 +123,13 @@ def _errors_by_block(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, row_m
         ks, vs = k[:, hs], v[:, hs]
         if not ordered:
             ks, vs = ks.index_select(2, tiling.perm), vs.index_select(2, tiling.perm)
-        qs = q[:, hs].index_select(2, rows)
-        logits = torch.matmul(qs, ks.transpose(-1, -2)).float() * scale  # [B, h, R, S]
-        p = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
-        h = qs.shape[1]
-        pb = p[..., : full * bs].unflatten(-1, (full, bs))  # [B, h, R, NB, bs]
-        mass = pb.sum(-1)  # [B, h, R, NB]
-        # Per (batch, head, block): [R, bs] @ [bs, D], in the inputs' dtype with float32 accumulation.
-        outs = torch.matmul(pb.to(vs.dtype).transpose(2, 3), vs[:, :, : full * bs].reshape(B, h, full, bs, D))
-        outs = outs.float().transpose(2, 3)  # [B, h, R, NB, D]
-        if full < NR:  # the short last block
-            tail = p[..., full * bs:]
-            mass = torch.cat([mass, tail.sum(-1, keepdim=True)], -1)
-            tail_out = torch.matmul(tail.to(vs.dtype), vs[:, :, full * bs:]).float()
-            outs = torch.cat([outs, tail_out.unsqueeze(3)], 3)
+        peak, mass, outs = block_sums(q[:, hs].index_select(2, rows), ks, vs, tiling.block, scale)
+        w = torch.exp(peak - peak.amax(-1, keepdim=True))  # [B, h, R, NR]
+        mass = mass * w
+        outs = outs * w[..., None]  # [B, h, R, NR, D]
         exact = outs.sum(3) / mass.sum(3, keepdim=True)  # [B, h, R, D]
         norm = exact.square().sum((-1, -2)).clamp_min(torch.finfo(torch.float32).tiny)
-        approx = torch.einsum("prn,bhrnd->bhprd", m, outs) / torch.einsum("prn,bhrn->bhpr", m, mass)[..., None]
+        approx = torch.einsum("prn,bhrnd->bhprd", m_sel, outs) / torch.einsum("prn,bhrn->bhpr", m_sel, mass)[..., None]
         out[:, hs] = (approx - exact[:, :, None]).square().sum((-1, -2)) / norm[..., None]
     return out
 

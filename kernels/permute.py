@@ -13,8 +13,6 @@ TRITON_INTERPRET=1 the kernel itself runs on CPU tensors, which is how CI checks
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from dit_sparse.plan import permute_tokens
@@ -25,15 +23,16 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without Triton use PyTorch
     triton = None
 
+from .triton_util import triton_runs_on
+
 Tensor = torch.Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _ROWS = 32  # rows of D values per program: 8 KB of bf16 at D = 128, enough bytes in flight per SM
 
 
 def use_kernel(x: Tensor) -> bool:
     """Whether `gather_rows` runs the Triton kernel for x (CUDA, or any device under the interpreter)."""
-    return triton is not None and (x.is_cuda or _INTERPRET) and x.stride(-1) == 1
+    return triton_runs_on(x) and x.stride(-1) == 1
 
 
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:

@@ -13,8 +13,6 @@ On the CPU (and without Triton) the same rule runs in PyTorch.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -23,9 +21,10 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without Triton use PyTorch
     triton = None
 
+from .triton_util import triton_runs_on
+
 Tensor = torch.Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_ROW = 4096  # longest row one program sorts
 
 
@@ -35,7 +34,7 @@ def top_p_members(p: Tensor, cand: Tensor, forced_mass: Tensor, top_p: float) ->
     p: float32 [..., N] block masses; cand: bool [..., N]; forced_mass: float32 [..., 1] mass already taken.
     """
     n = p.shape[-1]
-    if triton is not None and (p.is_cuda or _INTERPRET) and 0 < n <= _MAX_ROW:
+    if triton_runs_on(p) and 0 < n <= _MAX_ROW:
         rows = p.numel() // n
         out = torch.empty(p.shape, dtype=torch.bool, device=p.device)
         if rows:

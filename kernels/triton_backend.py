@@ -30,6 +30,7 @@ from .dispatch import Backend, register_backend
 from .result import AttentionResult
 from .triton_kernel import LOG2E, block_sparse_fwd
 from .triton_prep import KeyChunks, QueryTiles, key_chunks, query_tiles
+from .triton_util import INTERPRET
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -38,7 +39,6 @@ except ImportError:  # pragma: no cover - older triton
 
 Tensor = torch.Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
 _HEAD_DIMS = (64, 128)
 
@@ -83,7 +83,7 @@ USE_TMA = os.environ.get("DIT_SPARSE_TRITON_TMA", "1") == "1"
 
 def supports_setting(device: torch.device, dtype: torch.dtype | None) -> str | None:
     """None if the Triton kernel can run on `device` in `dtype` (None: not known yet), else the reason."""
-    if device.type != "cuda" and not _INTERPRET:
+    if device.type != "cuda" and not INTERPRET:
         return "inputs are not on a CUDA device (set TRITON_INTERPRET=1 to run the kernel on CPU)"
     if device.type == "cuda" and dtype is not None and dtype not in _GPU_DTYPES:
         return f"dtype {dtype} is not supported (use bfloat16 or float16)"
@@ -178,7 +178,7 @@ def _launch(
         HAS_LSE=return_lse, HAS_STATS=return_tile_stats, STRADDLE=return_tile_stats and chunks.straddle,
         STATS_OWNED=return_tile_stats and not chunks.straddle and plan.block_size is not None
         and plan.block_size[1] == cfg.block_n and plan.block_size[0] <= cfg.block_m,
-        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
         TMA_KV=tma,
         WARP_SPEC=cfg.warp_specialize,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -231,7 +231,7 @@ def choose_config(q: Tensor, plan: BlockPlan) -> KernelConfig:
     if pinned is not None:
         return pinned
     D = q.shape[-1]
-    if q.is_cuda and not _INTERPRET:
+    if q.is_cuda and not INTERPRET:
         major = torch.cuda.get_device_capability(q.device)[0]
         cfg = STORED_CONFIGS.get((major, D, plan_kind(plan)))
         if cfg is not None:

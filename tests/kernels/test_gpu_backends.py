@@ -168,3 +168,19 @@ def test_graphed_planning_replays_the_eager_plan(spec, monkeypatch):
     else:  # k-means sums use atomics: centroids agree to rounding, plans to a few tokens
         torch.testing.assert_close(gs["semantic"]["q"], es["semantic"]["q"], atol=1e-3, rtol=1e-3)
         assert abs(gp.density() - ep.density()) < 0.01
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_block_sums_kernel_matches_float32(D):
+    """window3d's head-choice sums on the GPU: bf16 inputs in Diffusers' layout, a short last block."""
+    from dit_sparse.kernels.block_sums import _block_sums_torch, block_sums
+
+    g = torch.Generator(device="cuda").manual_seed(D)
+    S = 4 * 128 + 77
+    k, v = (torch.randn(2, S, 3, D, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+            for _ in range(2))
+    q = torch.randn(2, 64, 3, D, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+    got = block_sums(q, k, v, 128, D ** -0.5)
+    want = _block_sums_torch(q.float(), k.float(), v.float(), 128, D ** -0.5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
