@@ -89,12 +89,7 @@ def install(model: torch.nn.Module, points: tuple[ReorderPoint, ...], tracker: A
     return remove
 
 
-# ---------------------------------------------------------------------- helpers for adapters
-def along(dim: int) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """A point function putting a tensor's `dim` (the sequence) into the order."""
-    return lambda x, order, inverse: x.index_select(dim, order)
-
-
+# ---------------------------------------------------------------------- a helper for adapters
 def back_along(dim: int) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """A point function taking a tensor's `dim` back to the model's own order."""
     return lambda x, order, inverse: x.index_select(dim, inverse)
