@@ -4,13 +4,11 @@ per-head orders, int32/int64 indices, head dims 40/64/128, B = 2)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from _interpreter import run_interpreted
 from dit_sparse.kernels.permute import gather_rows
 
 _CASES = textwrap.dedent(
@@ -47,10 +45,7 @@ _CASES = textwrap.dedent(
 
 
 def test_gather_rows_kernel_under_interpreter() -> None:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", _CASES], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok 36" in out.stdout, out.stdout[-1000:] + out.stderr[-3000:]
+    run_interpreted(_CASES, "ok 36")
 
 
 @pytest.mark.parametrize("strided", [True, False])
