@@ -54,7 +54,7 @@ def test_triton_setting_check_is_the_one_its_tensor_check_uses(monkeypatch):
     tb = pytest.importorskip("dit_sparse.kernels.triton_backend")
     from dit_sparse.plan import BlockPlan
 
-    monkeypatch.setattr(tb, "_INTERPRET", False)  # TRITON_INTERPRET=1 would let it run on CPU
+    monkeypatch.setattr(tb, "INTERPRET", False)  # TRITON_INTERPRET=1 would let it run on CPU
     q = torch.zeros(1, 2, 32, 64)
     reason = tb.supports_setting(torch.device("cpu"), torch.float32)
     assert reason is not None and "CUDA" in reason
