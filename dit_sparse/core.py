@@ -118,12 +118,12 @@ class SparseAttentionCore:
         them (e.g. float32, an unsupported head dim): the caller then runs the model's own dense attention
         rather than the slow reference executor, which is for the CPU and tests.
         """
-        name, why = select_backend(q, plan, self.backend, self.method.wants_tile_stats, self.method.wants_lse)
+        lse, tile_stats = self.method.stats_wanted(ctx)
+        name, why = select_backend(q, plan, self.backend, tile_stats, lse)
         if not name:
             self._warn_once(f"no fast kernel runs these inputs ({why})")
             return None
-        result = run_backend(name, q, k, v, plan, scale=scale, return_lse=self.method.wants_lse,
-                             return_tile_stats=self.method.wants_tile_stats)
+        result = run_backend(name, q, k, v, plan, scale=scale, return_lse=lse, return_tile_stats=tile_stats)
         self.method.observe(ctx, plan, result)
         self.stats.add_sparse(plan)
         return result.out

@@ -36,5 +36,11 @@ class FullPlan(SparseMethod):
     Config = FullPlanConfig
 
     def plan(self, q, k, v, ctx: AttentionContext) -> BlockPlan | None:
+        # One plan per call shape, the same object on every call: static data, so a kernel's per-plan
+        # preparation (and a refining method's cache of its own plan) is paid once.
         B, H, S, _ = q.shape
-        return BlockPlan.dense(B, H, S, self.options.block_size, device=q.device)
+        key = (B, H, S, q.device)
+        cached = ctx.state.get("full_plan")
+        if cached is None or cached[0] != key:
+            cached = ctx.state["full_plan"] = (key, BlockPlan.dense(B, H, S, self.options.block_size, device=q.device))
+        return cached[1]

@@ -73,6 +73,11 @@ class SparseMethod:
         """
         return self.base.model_order(layout, device) if self.base is not None else None
 
+    def stats_wanted(self, ctx: AttentionContext) -> tuple[bool, bool]:
+        """(LSE, tile statistics) this call's result must carry, asked after `plan`; the backend is chosen
+        to provide them. Default: what the method (chain) ever needs."""
+        return self.wants_lse, self.wants_tile_stats
+
     def observe(self, ctx: AttentionContext, plan: BlockPlan, result: AttentionResult) -> None:
         """See the result of executing `plan` (LSE / tile stats when requested)."""
         if self.base is not None:

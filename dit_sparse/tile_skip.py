@@ -56,10 +56,16 @@ class TileSkipConfig:
         and columns); a (batch, head) where more than this share of query or key ranges changed drops its
         whole cache.
     calibration: JSON file from `dit_sparse.skip_calibration` giving `tol` per layer.
+    update_every: the cache learns (the call runs with LSE and tile statistics, i.e. on the Triton kernel, and
+        re-checks its rotating share of query ranges) on every this-many-th call of a layer and branch; the
+        calls in between run the base plan minus the cached skips without statistics, on the fastest
+        kernel (flash-attn-4 where it runs), reusing the same plan object while nothing changed. 1 (the
+        default): every call learns. Re-checks then come every `recheck_every` learning calls.
     """
 
     tol: float = 0.02
     recheck_every: int = 4
+    update_every: int = 1
     max_skip: float = 0.9
     drift_threshold: float = 0.2
     calibration: str | None = None
@@ -69,6 +75,8 @@ class TileSkipConfig:
             raise ConfigError(f"skip: tol must lie in [0, 1) (e.g. 0.02), got {self.tol!r}")
         if not (isinstance(self.recheck_every, int) and self.recheck_every >= 0):
             raise ConfigError(f"skip: recheck_every must be an integer >= 0 (0 = never), got {self.recheck_every!r}")
+        if not (isinstance(self.update_every, int) and self.update_every >= 1):
+            raise ConfigError(f"skip: update_every must be an integer >= 1 (1 = every call), got {self.update_every!r}")
         if not (isinstance(self.max_skip, (int, float)) and 0.0 <= self.max_skip < 1.0):
             raise ConfigError(f"skip: max_skip must lie in [0, 1), got {self.max_skip!r}")
         if not (isinstance(self.drift_threshold, (int, float)) and 0.0 <= self.drift_threshold <= 1.0):
@@ -181,10 +189,15 @@ class SkipState:
     q_hash: Tensor | None = None  # int64 [B, H, NQ] membership hash of each query range (ranges that move)
     k_hash: Tensor | None = None  # int64 [B, H, NK]
     calls: int = 0
+    updates: int = 0  # learning calls so far (they set the rotating re-check)
+    version: int = 0  # bumped whenever `bits` change: a cached executed plan is valid for one version
     pending: dict[str, Any] | None = field(default=None, repr=False)
+    executed: tuple | None = field(default=None, repr=False)  # (base plan, version, plan run between updates)
 
     def clear(self) -> None:
         self.bits = self.budget = self.shape = self.q_hash = self.k_hash = None
+        self.executed = None
+        self.version += 1
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.bits, self.budget, self.q_hash, self.k_hash)
@@ -262,6 +275,13 @@ class TileSkipCache(SparseMethod):
         state = ctx.state.setdefault(STATE_KEY, SkipState())
         return self.refine(base_plan, state, self.tol_for(ctx.layer_name), ctx.layer_name)
 
+    def stats_wanted(self, ctx: AttentionContext) -> tuple[bool, bool]:
+        """LSE and tile statistics only on the calls whose result teaches the cache (`update_every`)."""
+        lse, tiles = self.base.stats_wanted(ctx) if self.base is not None else (False, False)
+        state = ctx.state.get(STATE_KEY)
+        learning = state is not None and state.pending is not None
+        return lse or learning, tiles or learning
+
     def observe(self, ctx: AttentionContext, plan: BlockPlan, result: AttentionResult) -> None:
         super().observe(ctx, plan, result)
         state = ctx.state.get(STATE_KEY)
@@ -288,23 +308,37 @@ class TileSkipCache(SparseMethod):
         base_counts = base_plan.kv_counts
         cap = torch.floor(base_counts.float() * opts.max_skip).to(torch.int32)
         if state.bits is None:  # first sparse call (or after invalidation): the full base plan fills the cache
+            state.updates += 1
             state.pending = {"tol": tol, "cap_left": cap, "base_counts": base_counts}
             self._count(layer_name, base_counts, base_counts)
             return base_plan
+        learning = call % opts.update_every == 0
+        if not learning and state.executed is not None:
+            base, version, executed = state.executed
+            if base is base_plan and version == state.version:  # nothing changed: the same plan object
+                self._count(layer_name, base_counts, executed.kv_counts)
+                return executed
         base_mask = base_plan.block_mask()
         skip = unpack_bits(state.bits, NK)
         kept = base_mask & ~skip
         kept_counts = kept.sum(-1, dtype=torch.int32)
         skipped = base_counts - kept_counts
-        q_idx = torch.arange(NQ, device=base_counts.device)
-        forced = torch.zeros(NQ, dtype=torch.bool, device=base_counts.device)
-        if opts.recheck_every > 0:
-            forced = (q_idx + call) % opts.recheck_every == 0
         # The base plan may change between calls (e.g. semantic): a row whose old skips now exceed the cap
-        # or remove every base tile is recomputed and decided afresh instead.
-        forced = forced.expand(B, H, NQ) | (skipped > cap) | ((kept_counts == 0) & (base_counts > 0))
+        # or remove every base tile is computed over its whole base row instead (and, on a learning call,
+        # decided afresh).
+        forced = (skipped > cap) | ((kept_counts == 0) & (base_counts > 0))
+        if not learning:
+            exec_plan = base_plan.with_mask(torch.where(forced[..., None], base_mask, kept))
+            state.executed = (base_plan, state.version, exec_plan)
+            self._count(layer_name, base_counts, exec_plan.kv_counts)
+            return exec_plan
+        q_idx = torch.arange(NQ, device=base_counts.device)
+        if opts.recheck_every > 0:
+            forced = forced | ((q_idx + state.updates) % opts.recheck_every == 0)
+        state.updates += 1
         exec_mask = torch.where(forced[..., None], base_mask, kept)
         state.bits = pack_bits(skip & ~forced[..., None])
+        state.version += 1
         state.budget = torch.where(forced, torch.zeros_like(state.budget), state.budget)
         skipped = torch.where(forced, torch.zeros_like(skipped), skipped)
         state.pending = {"tol": tol, "cap_left": (cap - skipped).clamp_min(0), "base_counts": base_counts}
@@ -339,6 +373,7 @@ class TileSkipCache(SparseMethod):
             budget.append(state.budget[:, sl] + added)
         state.bits = torch.cat(bits, 1)
         state.budget = torch.cat(budget, 1)
+        state.version += 1
 
     def _sync(self, state: SkipState, plan: BlockPlan, shape: tuple) -> None:
         """Drop the cache when the plan's shape changed; forget the skips of ranges whose tokens changed.
@@ -361,6 +396,7 @@ class TileSkipCache(SparseMethod):
             moved_q = moved_q | stale[..., None]
             keep = ~(moved_q[..., None] | moved_k[:, :, None, :])  # [B, H, NQ, NK]
             state.bits = pack_bits(unpack_bits(state.bits, shape[3]) & keep)
+            state.version += 1
             # Skips dropped from a row only lower its true skipped mass: the budget stays an upper bound.
             state.budget = torch.where(moved_q, torch.zeros_like(state.budget), state.budget)
         state.q_hash, state.k_hash = q_hash, k_hash

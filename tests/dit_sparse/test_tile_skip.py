@@ -240,6 +240,44 @@ def test_base_plan_changes_drop_stale_cache_and_keep_rows_nonempty():
     assert ((plan.kv_counts > 0) | (base_plan.kv_counts == 0)).all()
 
 
+def test_update_every_learns_on_every_nth_call_and_reuses_the_plan_in_between(monkeypatch):
+    """`update_every=3` through the core: statistics are asked for (and the cache learns) on calls 0, 3, 6
+    only; in between the same executed plan object runs, which is the base plan minus the cached skips,
+    and every row still loses at most `tol` of its mass on these static inputs."""
+    import dit_sparse.core as core_mod
+
+    tol = 0.02
+    method, _ = build_method("full+skip", 0.5, {"tol": tol, "update_every": 3, "recheck_every": 2})
+    tracker = StepTracker()
+    core = SparseAttentionCore(SparseConfig("full+skip", 0.5, WarmupConfig(0, 0)), method, tracker, 1,
+                               backend="reference")
+    q, k, v, _ = _clustered_qkv(B=1, H=2, S=333, seed=9)
+    probs = _dense_probs(q, k)
+    seen = []
+    run = core_mod.run_backend
+
+    def spy(name, qq, kk, vv, plan, **kw):
+        seen.append((kw["return_tile_stats"], kw["return_lse"], plan))
+        return run(name, qq, kk, vv, plan, **kw)
+
+    monkeypatch.setattr(core_mod, "run_backend", spy)
+    for i in range(8):
+        tracker.begin_forward(900.0 - i, "cond", None, None)
+        core.attend(*(t.transpose(1, 2) for t in (q, k, v)), layer=0, layer_name="blocks.0.attn1",
+                    dense_fn=lambda: None)
+    assert [s[0] for s in seen] == [i % 3 == 0 for i in range(8)]
+    assert [s[1] for s in seen] == [s[0] for s in seen]
+    state = tracker._states[("blocks.0.attn1", "cond")][STATE_KEY]
+    assert state.updates == 3 and state.calls == 8
+    assert seen[4][2] is seen[5][2]  # nothing learnt between calls 4 and 5: the same plan object
+    assert seen[1][2] is not seen[4][2]  # call 3 learnt: a new plan afterwards
+    base = method.base.plan(q, k, v, tracker.context(0, "blocks.0.attn1", 1, 0.5, None))
+    skip = unpack_bits(state.bits, base.num_k_blocks)
+    assert torch.equal(seen[7][2].block_mask(), base.block_mask() & ~skip) and bool(skip.any())
+    for _, _, plan in seen:
+        assert float(_skipped_mass_per_row(probs, plan, ~plan.block_mask()).max()) <= tol
+
+
 # ---------------------------------------------------------------------------------------------- CFG
 def test_cfg_branches_keep_separate_caches_through_the_core():
     method, _ = build_method("full+skip", 0.5, {"tol": 0.02})
@@ -313,6 +351,12 @@ def _measured_cache_bytes(S, B, H, block, layers, branches, permuted):
 def test_memory_formula_matches_what_real_caches_hold(S, B, H, block, layers, branches, permuted):
     expected = skip_cache_bytes(layers, H, S, block, branches=branches, batch=B, variable_ranges=permuted)
     assert _measured_cache_bytes(S, B, H, block, layers, branches, permuted) == expected
+
+
+def test_update_every_must_be_a_positive_integer():
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ConfigError, match="update_every"):
+            TileSkipConfig(update_every=bad)
 
 
 def test_config_errors_are_clear():
