@@ -112,6 +112,7 @@ LAYOUT = VideoLayout(4, 8, 12, text_tokens=19, text_first=True)
     "semantic[layout=blocks,block_size=64]",
     "pooled",
     "window3d+skip[pattern=temporal]",
+    "window3d+skip[pattern=temporal,update_every=3]",  # learning and reusing calls both
     "semantic+skip",
 ])
 def test_warm_sparse_calls_never_read_device_values(spec, monkeypatch):
