@@ -151,6 +151,19 @@ def get_adapter(model: torch.nn.Module) -> ModelAdapter:
     )
 
 
+def text_qkv(attn: Any, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The text tokens' query, key and value of a joint-attention block ([B, T, H, D]): Diffusers' added
+    projections (`add_q_proj`, ...), split into heads, with the added q/k norms where the block has them."""
+    q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+    k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+    v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+    if attn.norm_added_q is not None:
+        q = attn.norm_added_q(q)
+    if attn.norm_added_k is not None:
+        k = attn.norm_added_k(k)
+    return q, k, v
+
+
 def arg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
     """A forward argument given by keyword or position."""
     if name in kwargs:

@@ -24,7 +24,7 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVid
 
 from dit_sparse.layout import VideoLayout
 
-from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
+from .adapters import ModelAdapter, ModelFacts, arg, register_adapter, text_qkv
 from .hunyuan_video import KeyPaddingTrim, PaddedTextSparseProcessor
 
 
@@ -49,13 +49,7 @@ class HunyuanVideo15SparseAttnProcessor(PaddedTextSparseProcessor, HunyuanVideo1
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            encoder_query = attn.norm_added_q(encoder_query)
-        if attn.norm_added_k is not None:
-            encoder_key = attn.norm_added_k(encoder_key)
+        encoder_query, encoder_key, encoder_value = text_qkv(attn, encoder_hidden_states)
         query = torch.cat([query, encoder_query], dim=1)
         key = torch.cat([key, encoder_key], dim=1)
         value = torch.cat([value, encoder_value], dim=1)

@@ -18,7 +18,7 @@ from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
 from dit_sparse.layout import VideoLayout
 
-from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
+from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter, text_qkv
 
 
 def _rope_interleaved(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -58,13 +58,7 @@ class MochiSparseAttnProcessor(SparseProcessorMixin, MochiAttnProcessor2_0):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        encoder_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        encoder_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            encoder_query = attn.norm_added_q(encoder_query)
-        if attn.norm_added_k is not None:
-            encoder_key = attn.norm_added_k(encoder_key)
+        encoder_query, encoder_key, encoder_value = text_qkv(attn, encoder_hidden_states)
         # RoPE on the video tokens only.
         if image_rotary_emb is not None:
             query = _rope_interleaved(query, *image_rotary_emb)
