@@ -74,6 +74,39 @@ class PaddedTextSparseProcessor(SparseProcessorMixin):
         self._bind(core, layer, name, original)
         self.trim = trim if trim is not None else KeyPaddingTrim()
 
+    def _padded_queries(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the padded text queries (cut out of the sparse call) by the model's own dense
+        attention, as the original masked call computes their rows."""
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
+
+    def _attend_text_last_prefix(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: int,
+                                 dense, tail_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[video, text] with the text padded after `keep` tokens: the sparse core on the first `keep` tokens,
+        the padded queries against the kept keys (`tail_mask` None) or against every key under their rows of
+        the joint mask."""
+        q, k, v = query[:, :keep], key[:, :keep], value[:, :keep]
+        out = self.core.attend(q, k, v, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=False)
+        if out.shape[1] == query.shape[1]:  # the core ran `dense` on the full, masked sequence
+            return out
+        tail = (self._padded_queries(query[:, keep:], k, v) if tail_mask is None
+                else self._padded_queries(query[:, keep:], key, value, tail_mask))
+        return torch.cat([out, tail.to(out.dtype)], dim=1)
+
+    @staticmethod
+    def _text_last_outputs(attn, out: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(video, text) outputs of a [video, text] joint call through the block's output projections."""
+        out, encoder_out = out[:, :-text_len], out[:, -text_len:]
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[0](out)
+            out = attn.to_out[1](out)
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_out = attn.to_add_out(encoder_out)
+        return out, encoder_out
+
 
 class HunyuanVideoSparseAttnProcessor(PaddedTextSparseProcessor, HunyuanVideoAttnProcessor2_0):
     """Diffusers' HunyuanVideo processor with the joint attention routed through the sparse core."""
@@ -123,15 +156,7 @@ class HunyuanVideoSparseAttnProcessor(PaddedTextSparseProcessor, HunyuanVideoAtt
             value = torch.cat([value, encoder_value], dim=1)
 
         out = self._attend(query, key, value, attention_mask)
-        out = out.flatten(2, 3).to(query.dtype)
-
-        out, encoder_out = out[:, :-text_len], out[:, -text_len:]
-        if getattr(attn, "to_out", None) is not None:
-            out = attn.to_out[0](out)
-            out = attn.to_out[1](out)
-        if getattr(attn, "to_add_out", None) is not None:
-            encoder_out = attn.to_add_out(encoder_out)
-        return out, encoder_out
+        return self._text_last_outputs(attn, out.flatten(2, 3).to(query.dtype), text_len)
 
     def _attend(self, query, key, value, attention_mask=None, text_first=False):
         dense = self._dense_attention(query, key, value, attention_mask)
@@ -145,18 +170,8 @@ class HunyuanVideoSparseAttnProcessor(PaddedTextSparseProcessor, HunyuanVideoAtt
                 query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense,
                 text_first=False, attention_mask=attention_mask, parallel_config=self._parallel_config,
             )
-        q, k, v = query[:, :valid], key[:, :valid], value[:, :valid]
-        out = self.core.attend(
-            q, k, v, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=False, attention_mask=None
-        )
-        if out.shape[1] == seq_len:  # the core ran `dense` on the full, masked sequence
-            return out
         # Padded text queries still attend to every valid key in the original model.
-        tail = dispatch_attention_fn(
-            query[:, valid:], k, v, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=self._parallel_config,
-        )
-        return torch.cat([out, tail.to(out.dtype)], dim=1)
+        return self._attend_text_last_prefix(query, key, value, valid, dense)
 
 
 @register_adapter

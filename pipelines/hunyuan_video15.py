@@ -18,7 +18,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
@@ -55,16 +54,7 @@ class HunyuanVideo15SparseAttnProcessor(PaddedTextSparseProcessor, HunyuanVideo1
         value = torch.cat([value, encoder_value], dim=1)
 
         out = self._attend_joint(query, key, value, attention_mask)
-        out = out.flatten(2, 3).to(query.dtype)
-
-        text_len = encoder_hidden_states.shape[1]
-        out, encoder_out = out[:, :-text_len], out[:, -text_len:]
-        if getattr(attn, "to_out", None) is not None:
-            out = attn.to_out[0](out)
-            out = attn.to_out[1](out)
-        if getattr(attn, "to_add_out", None) is not None:
-            encoder_out = attn.to_add_out(encoder_out)
-        return out, encoder_out
+        return self._text_last_outputs(attn, out.flatten(2, 3).to(query.dtype), encoder_hidden_states.shape[1])
 
     def _attend_joint(self, query, key, value, text_mask: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len = query.shape[:2]
@@ -90,16 +80,8 @@ class HunyuanVideo15SparseAttnProcessor(PaddedTextSparseProcessor, HunyuanVideo1
             return self.core.attend(
                 query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=False,
             )
-        q, k, v = query[:, :keep], key[:, :keep], value[:, :keep]
-        out = self.core.attend(q, k, v, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=False)
-        if out.shape[1] == seq_len:  # the core ran `dense` on the full, masked sequence
-            return out
         # Padded queries: Diffusers' masked call restricted to their rows (every key is masked for them).
-        tail = dispatch_attention_fn(
-            query[:, keep:], key, value, attn_mask=mask[:, :, keep:], dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=self._parallel_config,
-        )
-        return torch.cat([out, tail.to(out.dtype)], dim=1)
+        return self._attend_text_last_prefix(query, key, value, keep, dense, tail_mask=mask[:, :, keep:])
 
 
 @register_adapter

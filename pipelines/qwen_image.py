@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
     apply_rotary_emb_qwen,
@@ -115,10 +114,7 @@ class QwenImageSparseAttnProcessor(PaddedTextSparseProcessor, QwenDoubleStreamAt
         if out.shape[1] == query.shape[1]:  # the core ran `dense` on the full, masked sequence
             return out
         # Padded text queries still attend to every kept key in the original model.
-        tail = dispatch_attention_fn(
-            query[:, valid:seq_txt], k, v, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=self._parallel_config,
-        )
+        tail = self._padded_queries(query[:, valid:seq_txt], k, v)
         return torch.cat([out[:, :valid], tail.to(out.dtype), out[:, valid:]], dim=1)
 
 
