@@ -85,6 +85,14 @@ def _image_grid(img_ids: torch.Tensor | None, image_tokens: int) -> tuple[int, i
     return (side, side) if side * side == image_tokens else None
 
 
+def double_and_single_stream(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """(name, attention) of every double-stream block, then every single-stream block (Flux, Flux.2)."""
+    for i, block in enumerate(model.transformer_blocks):
+        yield f"transformer_blocks.{i}.attn", block.attn
+    for i, block in enumerate(model.single_transformer_blocks):
+        yield f"single_transformer_blocks.{i}.attn", block.attn
+
+
 @register_adapter
 class FluxAdapter(ModelAdapter):
     family = "flux"
@@ -100,10 +108,7 @@ class FluxAdapter(ModelAdapter):
     text_first = True
 
     def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        for i, block in enumerate(model.transformer_blocks):
-            yield f"transformer_blocks.{i}.attn", block.attn
-        for i, block in enumerate(model.single_transformer_blocks):
-            yield f"single_transformer_blocks.{i}.attn", block.attn
+        return double_and_single_stream(model)
 
     def make_processor(self, original, core, layer: int, name: str):
         if not isinstance(original, FluxAttnProcessor):

@@ -26,7 +26,7 @@ from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import root_split_factor
 
 from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
-from .flux import _image_grid, joint_qkv
+from .flux import _image_grid, double_and_single_stream, joint_qkv
 
 
 class Flux2SparseAttnProcessor(SparseProcessorMixin, Flux2AttnProcessor):
@@ -112,10 +112,7 @@ class Flux2Adapter(ModelAdapter):
     text_first = True
 
     def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        for i, block in enumerate(model.transformer_blocks):
-            yield f"transformer_blocks.{i}.attn", block.attn
-        for i, block in enumerate(model.single_transformer_blocks):
-            yield f"single_transformer_blocks.{i}.attn", block.attn
+        return double_and_single_stream(model)
 
     def make_processor(self, original, core, layer: int, name: str):
         # Exact type checks: the KV-cache processors are not subclasses, but a future subclass of the plain
