@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from _tiny import processors, randn, run, seeded_model, sparse_names
 from diffusers import (
     CogVideoXTransformer3DModel,
     FluxTransformer2DModel,
@@ -32,8 +33,6 @@ BATCH = 2
 TEXT = 7  # odd on purpose
 
 
-def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=g)
 
 
 @dataclass
@@ -60,9 +59,9 @@ def _wan() -> torch.nn.Module:
 def _wan_inputs(model, seed):
     g = torch.Generator().manual_seed(seed)
     return dict(
-        hidden_states=_randn(g, BATCH, 4, 3, 10, 6),
+        hidden_states=randn(g, BATCH, 4, 3, 10, 6),
         timestep=torch.rand(BATCH, generator=g) * 1000,
-        encoder_hidden_states=_randn(g, BATCH, TEXT, 16),
+        encoder_hidden_states=randn(g, BATCH, TEXT, 16),
         return_dict=False,
     )
 
@@ -80,11 +79,11 @@ def _hunyuan_inputs(model, seed, valid=(TEXT, TEXT)):
     g = torch.Generator().manual_seed(seed)
     mask = torch.arange(TEXT)[None, :] < torch.tensor(valid)[:, None]
     return dict(
-        hidden_states=_randn(g, BATCH, 4, 3, 10, 6),
+        hidden_states=randn(g, BATCH, 4, 3, 10, 6),
         timestep=torch.rand(BATCH, generator=g) * 1000,
-        encoder_hidden_states=_randn(g, BATCH, TEXT, 16),
+        encoder_hidden_states=randn(g, BATCH, TEXT, 16),
         encoder_attention_mask=mask,
-        pooled_projections=_randn(g, BATCH, 8),
+        pooled_projections=randn(g, BATCH, 8),
         guidance=torch.full((BATCH,), 3500.0),
         return_dict=False,
     )
@@ -109,8 +108,8 @@ def _cogvideox_inputs(model, seed):
         temporal_size=frames // pt,
     )
     return dict(
-        hidden_states=_randn(g, BATCH, frames, 4, height, width),
-        encoder_hidden_states=_randn(g, BATCH, TEXT, 16),
+        hidden_states=randn(g, BATCH, frames, 4, height, width),
+        encoder_hidden_states=randn(g, BATCH, TEXT, 16),
         timestep=torch.randint(0, 1000, (BATCH,), generator=g),
         image_rotary_emb=(cos, sin),
         return_dict=False,
@@ -131,8 +130,8 @@ def _ltx_inputs(model, seed):
     mask = torch.ones(BATCH, TEXT, dtype=torch.long)
     mask[1, 4:] = 0  # padded text in the cross-attention: attn2 keeps the original processor
     return dict(
-        hidden_states=_randn(g, BATCH, frames * height * width, 8),
-        encoder_hidden_states=_randn(g, BATCH, TEXT, 16),
+        hidden_states=randn(g, BATCH, frames * height * width, 8),
+        encoder_hidden_states=randn(g, BATCH, TEXT, 16),
         timestep=torch.rand(BATCH, generator=g) * 1000,
         encoder_attention_mask=mask,
         num_frames=frames,
@@ -162,9 +161,9 @@ def _flux_inputs(model, seed):
     g = torch.Generator().manual_seed(seed)
     rows, cols = 5, 9  # not square: the grid must come from the ids
     return dict(
-        hidden_states=_randn(g, BATCH, rows * cols, 4),
-        encoder_hidden_states=_randn(g, BATCH, TEXT, 32),
-        pooled_projections=_randn(g, BATCH, 32),
+        hidden_states=randn(g, BATCH, rows * cols, 4),
+        encoder_hidden_states=randn(g, BATCH, TEXT, 32),
+        pooled_projections=randn(g, BATCH, 32),
         timestep=torch.rand(BATCH, generator=g),
         img_ids=_flux_ids(rows, cols),
         txt_ids=torch.zeros(TEXT, 3),
@@ -184,52 +183,42 @@ FAMILIES = [
 IDS = [f.name for f in FAMILIES]
 
 
-def _model(family: Family) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return family.build().eval()
 
 
-def _run(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs)[0]
 
 
-def _processors(model) -> dict[str, object]:
-    return {name: m.processor for name, m in model.named_modules() if hasattr(m, "set_processor")}
 
 
-def _sparse_names(model) -> set[str]:
-    return {name for name, _ in get_adapter(model).self_attention_modules(model)}
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=IDS)
 def case(request):
     family = request.param
-    model = _model(family)
+    model = seeded_model(family.build)
     inputs = family.inputs(model, seed=1)
-    return family, model, inputs, _run(model, inputs)
+    return family, model, inputs, run(model, inputs)
 
 
 def test_dense_is_bitwise_diffusers_and_remove_restores(case):
     family, model, inputs, reference = case
-    before = _processors(model)
-    sparse = _sparse_names(model)
+    before = processors(model)
+    sparse = sparse_names(model)
     assert len(sparse) == 2
     for method in ("dense", "full"):
         handle = dit_sparse.apply(model, method, 0.0)
-        now = _processors(model)
+        now = processors(model)
         for name, proc in now.items():
             if name in sparse:
                 assert type(proc).__name__ == family.sparse_class
             else:  # cross-attention / text refiner keep their processor object
                 assert proc is before[name]
-        assert torch.equal(_run(model, inputs), reference)
+        assert torch.equal(run(model, inputs), reference)
         dit_sparse.remove(model)
         assert not handle.active
-        after = _processors(model)
+        after = processors(model)
         assert after.keys() == before.keys()
         assert all(after[n] is before[n] for n in before)
-        assert torch.equal(_run(model, inputs), reference)
+        assert torch.equal(run(model, inputs), reference)
 
 
 def test_full_plan_through_block_executor_matches_dense(case):
@@ -238,7 +227,7 @@ def test_full_plan_through_block_executor_matches_dense(case):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no dense fallback allowed
-            out = _run(model, inputs)
+            out = run(model, inputs)
         stats = handle.stats()
     finally:
         handle.remove()
@@ -258,7 +247,7 @@ def test_layout_accounts_for_every_token(case):
 
     handle.core.attend = recording_attend
     try:
-        _run(model, inputs)
+        run(model, inputs)
     finally:
         handle.remove()
     assert len(seen) == 2
@@ -274,25 +263,25 @@ def test_layout_accounts_for_every_token(case):
 
 # ---------------------------------------------------------------------------------------------- per-family details
 def test_attention_backend_is_carried_over():
-    model = _model(FAMILIES[5])  # Flux
+    model = seeded_model(FAMILIES[5].build)  # Flux
     inputs = _flux_inputs(model, seed=2)
-    reference = _run(model, inputs)
+    reference = run(model, inputs)
     model.set_attention_backend("native")
     handle = dit_sparse.apply(model, "full", 0.0)
     try:
         backends = {m.processor._attention_backend for _, m in get_adapter(model).self_attention_modules(model)}
         assert len(backends) == 1 and str(backends.pop().value) == "native"
-        assert torch.equal(_run(model, inputs), reference)
+        assert torch.equal(run(model, inputs), reference)
     finally:
         handle.remove()
 
 
 def test_hunyuan_padded_text_runs_sparse_on_the_valid_prefix():
-    model = _model(FAMILIES[1])
+    model = seeded_model(FAMILIES[1].build)
     padded = [_hunyuan_inputs(model, seed=3, valid=v) for v in ((4, 4), (2, 2))]
-    references = [_run(model, x) for x in padded]
+    references = [run(model, x) for x in padded]
     with dit_sparse.sparse_attention(model, "full", 0.0):
-        assert all(torch.equal(_run(model, x), r) for x, r in zip(padded, references))
+        assert all(torch.equal(run(model, x), r) for x, r in zip(padded, references))
     # warmup_layers=1: the first layer runs the original masked call, the second the trimmed sparse path.
     for warmup_layers in (0, 1):
         handle = dit_sparse.apply(model, "full", 0.5, warmup_steps=0, warmup_layers=warmup_layers, block_size=16)
@@ -300,7 +289,7 @@ def test_hunyuan_padded_text_runs_sparse_on_the_valid_prefix():
             for inputs, reference in zip(padded, references):  # two masks in turn: no stale cache
                 with warnings.catch_warnings():
                     warnings.simplefilter("error")
-                    out = _run(model, inputs)
+                    out = run(model, inputs)
                 torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
             stats = handle.stats()
         finally:
@@ -311,12 +300,12 @@ def test_hunyuan_padded_text_runs_sparse_on_the_valid_prefix():
 def test_hunyuan_processor_matches_on_padded_text_tokens_too():
     # Padded text outputs never reach the model output (their keys are masked downstream), so check the
     # processors directly: every output row, padded text queries included, equals Diffusers'.
-    model = _model(FAMILIES[1])
+    model = seeded_model(FAMILIES[1].build)
     g = torch.Generator().manual_seed(6)
     video, text, dim = 45, TEXT, 20
     mask = (torch.arange(video + text) < video + 3).expand(BATCH, 1, 1, -1)
-    freqs = (_randn(g, video, 10), _randn(g, video, 10))
-    args = (_randn(g, BATCH, video, dim), _randn(g, BATCH, text, dim), mask, freqs)
+    freqs = (randn(g, video, 10), randn(g, video, 10))
+    args = (randn(g, BATCH, video, dim), randn(g, BATCH, text, dim), mask, freqs)
     modules = [model.transformer_blocks[0].attn, model.single_transformer_blocks[0].attn]
     with torch.no_grad():
         expected = [m.processor(m, *args) for m in modules]
@@ -329,13 +318,13 @@ def test_hunyuan_processor_matches_on_padded_text_tokens_too():
 
 
 def test_hunyuan_unequal_padding_falls_back_to_dense_with_a_warning():
-    model = _model(FAMILIES[1])
+    model = seeded_model(FAMILIES[1].build)
     inputs = _hunyuan_inputs(model, seed=4, valid=(TEXT, 3))
-    reference = _run(model, inputs)
+    reference = run(model, inputs)
     handle = dit_sparse.apply(model, "full", 0.5, warmup_steps=0, warmup_layers=0, block_size=16)
     try:
         with pytest.warns(UserWarning, match="attention mask"):
-            out = _run(model, inputs)
+            out = run(model, inputs)
         stats = handle.stats()
     finally:
         handle.remove()
@@ -355,14 +344,14 @@ def test_key_padding_trim():
 
 
 def test_cogvideox_fused_qkv():
-    model = _model(FAMILIES[2])
+    model = seeded_model(FAMILIES[2].build)
     model.fuse_qkv_projections()
     inputs = _cogvideox_inputs(model, seed=5)
-    reference = _run(model, inputs)
+    reference = run(model, inputs)
     for method, sparsity in (("full", 0.0), ("full", 0.5)):
         handle = dit_sparse.apply(model, method, sparsity, warmup_steps=0, warmup_layers=0, block_size=16)
         try:
-            out = _run(model, inputs)
+            out = run(model, inputs)
         finally:
             handle.remove()
         if sparsity == 0.0:
@@ -372,7 +361,7 @@ def test_cogvideox_fused_qkv():
 
 
 def test_ltx_layout_needs_the_grid_kwargs():
-    model = _model(FAMILIES[4])
+    model = seeded_model(FAMILIES[4].build)
     adapter = get_adapter(model)
     x = torch.randn(1, 3 * 5 * 7, 8)
     assert adapter.layout(model, (x,), {"num_frames": 3, "height": 5, "width": 7}) == dit_sparse.VideoLayout(3, 5, 7)

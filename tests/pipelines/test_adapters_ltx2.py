@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from _tiny import apply_full, fail_on_fallback, processors, randn, seeded_model
 from diffusers import LTX2VideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor
 from dit_sparse.pipelines.adapters import get_adapter, supported_models
 from dit_sparse.pipelines.ltx2 import LTX2Adapter, _frame_major_grid
-from test_adapters_other_families import _apply_full, _dense_and_sparse, _fail_on_fallback, _processors
+from test_adapters_other_families import _dense_and_sparse
 
 import dit_sparse
 
@@ -38,8 +39,6 @@ TINY = dict(
 )
 
 
-def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=g)
 
 
 @dataclass
@@ -61,10 +60,10 @@ def _ltx20_inputs(model, seed: int, frames: int = 3, height: int = 5, width: int
     # The T2V pipeline's call without video_coords: the model builds them from the latent sizes.
     g = torch.Generator().manual_seed(seed)
     return dict(
-        hidden_states=_randn(g, BATCH, frames * height * width, 4),
-        audio_hidden_states=_randn(g, BATCH, AUDIO_FRAMES, 4),
-        encoder_hidden_states=_randn(g, BATCH, TEXT, 16),
-        audio_encoder_hidden_states=_randn(g, BATCH, TEXT, 16),
+        hidden_states=randn(g, BATCH, frames * height * width, 4),
+        audio_hidden_states=randn(g, BATCH, AUDIO_FRAMES, 4),
+        encoder_hidden_states=randn(g, BATCH, TEXT, 16),
+        audio_encoder_hidden_states=randn(g, BATCH, TEXT, 16),
         timestep=torch.rand(BATCH, generator=g) * 1000,
         num_frames=frames, height=height, width=width, audio_num_frames=AUDIO_FRAMES,
         return_dict=False,
@@ -87,10 +86,10 @@ def _ltx23_inputs(model, seed: int, **kwargs) -> dict:
     g = torch.Generator().manual_seed(seed)
     t = torch.rand(BATCH, generator=g) * 1000
     return dict(
-        hidden_states=_randn(g, BATCH, 3 * 5 * 3, 16),
-        audio_hidden_states=_randn(g, BATCH, AUDIO_FRAMES, 4),
-        encoder_hidden_states=_randn(g, BATCH, TEXT, 24),  # no prompt projection: text arrives at model width
-        audio_encoder_hidden_states=_randn(g, BATCH, TEXT, 16),
+        hidden_states=randn(g, BATCH, 3 * 5 * 3, 16),
+        audio_hidden_states=randn(g, BATCH, AUDIO_FRAMES, 4),
+        encoder_hidden_states=randn(g, BATCH, TEXT, 24),  # no prompt projection: text arrives at model width
+        audio_encoder_hidden_states=randn(g, BATCH, TEXT, 16),
         timestep=t, sigma=t / 1000, video_coords=_ltx23_coords(model), audio_num_frames=AUDIO_FRAMES,
         return_dict=False, **kwargs,
     )
@@ -103,9 +102,6 @@ VARIANTS = [
 IDS = [v.name for v in VARIANTS]
 
 
-def _model(variant: Variant) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return variant.build().eval()
 
 
 def _run(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +138,7 @@ def _record_attend(handle) -> list[dict]:
 @pytest.fixture(scope="module", params=VARIANTS, ids=IDS)
 def case(request):
     variant = request.param
-    model = _model(variant)
+    model = seeded_model(variant.build)
     inputs = variant.inputs(model, seed=1)
     return variant, model, inputs, _run(model, inputs)
 
@@ -157,12 +153,12 @@ def test_only_video_self_attention_is_listed(case):
 
 def test_sparsity_zero_is_bitwise_diffusers_and_remove_restores(case):
     variant, model, inputs, reference = case
-    before = _processors(model)
+    before = processors(model)
     assert len(before) == LAYERS * len(BLOCK_ATTENTIONS)
     sparse = {f"transformer_blocks.{i}.attn1" for i in range(LAYERS)}
     for method in ("window3d", "dense", "full"):
         handle = dit_sparse.apply(model, method, 0.0)
-        now = _processors(model)
+        now = processors(model)
         for name, proc in now.items():
             if name in sparse:
                 assert type(proc).__name__ == variant.sparse_class
@@ -171,7 +167,7 @@ def test_sparsity_zero_is_bitwise_diffusers_and_remove_restores(case):
         _assert_equal(_run(model, inputs), reference)
         dit_sparse.remove(model)
         assert not handle.active
-        after = _processors(model)
+        after = processors(model)
         assert after.keys() == before.keys()
         assert all(after[n] is before[n] for n in before)
         _assert_equal(_run(model, inputs), reference)
@@ -179,10 +175,10 @@ def test_sparsity_zero_is_bitwise_diffusers_and_remove_restores(case):
 
 def test_full_plan_through_block_executor_matches_dense(case):
     _, model, inputs, reference = case
-    handle = _apply_full(model)
+    handle = apply_full(model)
     try:
         with warnings.catch_warnings():
-            _fail_on_fallback()
+            fail_on_fallback()
             out = _run(model, inputs)
         stats = handle.stats()
     finally:
@@ -199,7 +195,7 @@ def test_sparse_methods_run_on_video_self_attention_only(case, method, options):
     seen = _record_attend(handle)
     try:
         with warnings.catch_warnings():
-            _fail_on_fallback()
+            fail_on_fallback()
             out = _run(model, inputs)
         stats = handle.stats()
     finally:
@@ -214,7 +210,7 @@ def test_sparse_methods_run_on_video_self_attention_only(case, method, options):
 
 def test_layout_accounts_for_every_video_token(case):
     variant, model, inputs, _ = case
-    handle = _apply_full(model)
+    handle = apply_full(model)
     seen = _record_attend(handle)
     try:
         _run(model, inputs)
@@ -233,7 +229,7 @@ def test_layout_accounts_for_every_video_token(case):
 # ---------------------------------------------------------------------------------------------- layout details
 def test_layout_from_sizes_with_patching_and_from_coords():
     adapter = LTX2Adapter()
-    model = _model(VARIANTS[1])  # patch_size 2, patch_size_t 1
+    model = seeded_model(VARIANTS[1].build)  # patch_size 2, patch_size_t 1
     x = torch.randn(1, 45, 16)
     # Latent sizes are given before patching; odd sizes round up as prepare_video_coords does.
     assert adapter.layout(model, (x,), {"num_frames": 3, "height": 10, "width": 6}) == dit_sparse.VideoLayout(3, 5, 3)
@@ -255,7 +251,7 @@ def test_layout_from_sizes_with_patching_and_from_coords():
 
 
 def test_coords_that_are_not_one_frame_major_grid_give_no_layout():
-    model = _model(VARIANTS[1])
+    model = seeded_model(VARIANTS[1].build)
     coords = _ltx23_coords(model)
     assert _frame_major_grid(coords) == (3, 5, 3)
     assert _frame_major_grid(coords[:, :, torch.randperm(45, generator=torch.Generator().manual_seed(0))]) is None
@@ -269,7 +265,7 @@ def test_coords_that_are_not_one_frame_major_grid_give_no_layout():
 def test_coords_grid_is_computed_once_per_coords_tensor(monkeypatch):
     import dit_sparse.pipelines.ltx2 as ltx2
 
-    model = _model(VARIANTS[1])
+    model = seeded_model(VARIANTS[1].build)
     coords = _ltx23_coords(model)
     calls = []
     monkeypatch.setattr(ltx2, "_frame_major_grid", lambda c: calls.append(c) or (3, 5, 3))
@@ -288,16 +284,16 @@ def test_coords_grid_is_computed_once_per_coords_tensor(monkeypatch):
 def test_spatio_temporal_guidance_blocks(perturbation_mask):
     # STG in block 1. All rows perturbed: that block's attention is skipped (value projection only), so the core
     # runs block 0 alone. One row perturbed: both run through the core and the values are blended in after.
-    model = _model(VARIANTS[1])
+    model = seeded_model(VARIANTS[1].build)
     inputs = _ltx23_inputs(model, seed=2, spatio_temporal_guidance_blocks=[1], perturbation_mask=perturbation_mask)
     reference = _run(model, inputs)
     with dit_sparse.sparse_attention(model, "window3d", 0.0):
         _assert_equal(_run(model, inputs), reference)
-    handle = _apply_full(model)
+    handle = apply_full(model)
     seen = _record_attend(handle)
     try:
         with warnings.catch_warnings():
-            _fail_on_fallback()
+            fail_on_fallback()
             out = _run(model, inputs)
     finally:
         handle.remove()
@@ -308,14 +304,14 @@ def test_spatio_temporal_guidance_blocks(perturbation_mask):
 
 def test_video_self_attention_mask_falls_back_to_dense():
     # IC-LoRA's multiplicative video mask: partly masked pairs cannot be a block plan, the core runs dense.
-    model = _model(VARIANTS[0])
+    model = seeded_model(VARIANTS[0].build)
     inputs = _ltx20_inputs(model, seed=3)
     tokens = inputs["hidden_states"].shape[1]
     mask = torch.ones(BATCH, tokens, tokens)
     mask[:, :, -10:] = 0.5
     inputs["video_self_attention_mask"] = mask
     reference = _run(model, inputs)
-    handle = _apply_full(model)
+    handle = apply_full(model)
     try:
         with pytest.warns(UserWarning, match="attention mask"):
             out = _run(model, inputs)
@@ -327,10 +323,10 @@ def test_video_self_attention_mask_falls_back_to_dense():
 
     inputs["video_self_attention_mask"] = torch.ones(BATCH, tokens, tokens)  # nothing masked: sparse is exact
     reference = _run(model, inputs)
-    handle = _apply_full(model)
+    handle = apply_full(model)
     try:
         with warnings.catch_warnings():
-            _fail_on_fallback()
+            fail_on_fallback()
             out = _run(model, inputs)
         stats = handle.stats()
     finally:
@@ -389,7 +385,7 @@ def _tiny_pipeline():
 def test_ltx2_pipeline_with_cfg_stg_and_modality_guidance():
     pipe = _tiny_pipeline()
     g = torch.Generator().manual_seed(5)
-    prompt, negative = _randn(g, 1, TEXT, 32), _randn(g, 1, TEXT, 32)
+    prompt, negative = randn(g, 1, TEXT, 32), randn(g, 1, TEXT, 32)
     prompt_mask = (torch.arange(TEXT) >= 2)[None].long()  # Gemma pads on the left
     negative_mask = (torch.arange(TEXT) >= 4)[None].long()
 

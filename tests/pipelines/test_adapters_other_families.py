@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from _tiny import apply_full, fail_on_fallback, processors, randn, run, seeded_model, sparse_names
 from diffusers import (
     CosmosTransformer3DModel,
     Flux2Transformer2DModel,
@@ -35,8 +36,6 @@ TEXT = 7  # odd on purpose
 HEADS = 2
 
 
-def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=g)
 
 
 @dataclass
@@ -65,8 +64,8 @@ def _qwen_inputs(model, seed, valid=None, shapes=((1, 5, 9),)):
     g = torch.Generator().manual_seed(seed)
     tokens = sum(f * h * w for f, h, w in shapes)
     inputs = dict(
-        hidden_states=_randn(g, BATCH, tokens, 16),
-        encoder_hidden_states=_randn(g, BATCH, TEXT, 16),
+        hidden_states=randn(g, BATCH, tokens, 16),
+        encoder_hidden_states=randn(g, BATCH, TEXT, 16),
         timestep=torch.rand(BATCH, generator=g),
         img_shapes=[list(shapes)] * BATCH,
         return_dict=False,
@@ -99,8 +98,8 @@ def _flux2_inputs(model, seed):
     txt_ids = torch.zeros(TEXT, 4)
     txt_ids[:, 3] = torch.arange(TEXT)
     return dict(
-        hidden_states=_randn(g, BATCH, rows * cols, 4),
-        encoder_hidden_states=_randn(g, BATCH, TEXT, 16),
+        hidden_states=randn(g, BATCH, rows * cols, 4),
+        encoder_hidden_states=randn(g, BATCH, TEXT, 16),
         timestep=torch.rand(BATCH, generator=g),
         img_ids=_flux2_ids(rows, cols)[None].expand(BATCH, -1, -1),
         txt_ids=txt_ids[None].expand(BATCH, -1, -1),
@@ -126,14 +125,14 @@ def _hv15_inputs(model, seed, valid=(HV15_TEXT, HV15_TEXT), glyph_valid=(2, 2), 
     mask = torch.arange(HV15_TEXT)[None, :] < torch.tensor(valid)[:, None]
     mask_2 = torch.arange(HV15_GLYPH)[None, :] < torch.tensor(glyph_valid)[:, None]
     return dict(
-        hidden_states=_randn(g, BATCH, 4, 3, 10, 6),
+        hidden_states=randn(g, BATCH, 4, 3, 10, 6),
         timestep=torch.rand(BATCH, generator=g) * 1000,
-        encoder_hidden_states=_randn(g, BATCH, HV15_TEXT, 16),
+        encoder_hidden_states=randn(g, BATCH, HV15_TEXT, 16),
         encoder_attention_mask=mask.long(),
-        encoder_hidden_states_2=_randn(g, BATCH, HV15_GLYPH, 8),
+        encoder_hidden_states_2=randn(g, BATCH, HV15_GLYPH, 8),
         encoder_attention_mask_2=mask_2.long(),
         # T2V passes zero image embeddings, which the model marks as padding.
-        image_embeds=_randn(g, BATCH, HV15_IMAGE, 8) if image else torch.zeros(BATCH, HV15_IMAGE, 8),
+        image_embeds=randn(g, BATCH, HV15_IMAGE, 8) if image else torch.zeros(BATCH, HV15_IMAGE, 8),
         return_dict=False,
     )
 
@@ -149,8 +148,8 @@ def _mochi() -> torch.nn.Module:
 def _mochi_inputs(model, seed, valid=(TEXT, TEXT)):
     g = torch.Generator().manual_seed(seed)
     return dict(
-        hidden_states=_randn(g, BATCH, 4, 3, 10, 6),
-        encoder_hidden_states=_randn(g, BATCH, TEXT, 16),
+        hidden_states=randn(g, BATCH, 4, 3, 10, 6),
+        encoder_hidden_states=randn(g, BATCH, TEXT, 16),
         timestep=torch.rand(BATCH, generator=g) * 1000,
         encoder_attention_mask=(torch.arange(TEXT)[None, :] < torch.tensor(valid)[:, None]).long(),
         return_dict=False,
@@ -170,9 +169,9 @@ def _cosmos() -> torch.nn.Module:
 def _cosmos_inputs(model, seed):
     g = torch.Generator().manual_seed(seed)
     return dict(
-        hidden_states=_randn(g, BATCH, 4, 3, 10, 6),
+        hidden_states=randn(g, BATCH, 4, 3, 10, 6),
         timestep=torch.rand(BATCH, generator=g),
-        encoder_hidden_states=_randn(g, BATCH, TEXT, 16),
+        encoder_hidden_states=randn(g, BATCH, TEXT, 16),
         fps=24,
         return_dict=False,
     )
@@ -198,74 +197,55 @@ FAMILIES = [
 IDS = [f.name for f in FAMILIES]
 
 
-def _model(family: Family) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return family.build().eval()
 
 
-def _run(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs)[0]
 
 
-def _processors(model) -> dict[str, object]:
-    # MochiAttention has a processor but no set_processor.
-    return {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
 
 
-def _sparse_names(model) -> set[str]:
-    return {name for name, _ in get_adapter(model).self_attention_modules(model)}
 
 
-def _fail_on_fallback() -> None:
-    """Inside `warnings.catch_warnings()`: a dense fallback (dit-sparse warns once per reason) fails the test.
-
-    Only dit-sparse's warnings: Mochi's RoPE warns about CPU autocast on every forward.
-    """
-    warnings.filterwarnings("error", message="dit-sparse")
 
 
-def _apply_full(model, warmup_layers: int = 0):
-    return dit_sparse.apply(model, "full", 0.5, warmup_steps=0, warmup_layers=warmup_layers, block_size=16)
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=IDS)
 def case(request):
     family = request.param
-    model = _model(family)
+    model = seeded_model(family.build)
     inputs = family.inputs(model, seed=1)
-    return family, model, inputs, _run(model, inputs)
+    return family, model, inputs, run(model, inputs)
 
 
 def test_dense_is_bitwise_diffusers_and_remove_restores(case):
     family, model, inputs, reference = case
-    before = _processors(model)
-    sparse = _sparse_names(model)
+    before = processors(model)
+    sparse = sparse_names(model)
     assert len(sparse) == family.num_sparse
     for method in ("dense", "full"):
         handle = dit_sparse.apply(model, method, 0.0)
-        now = _processors(model)
+        now = processors(model)
         for name, proc in now.items():
             if name in sparse:
                 assert type(proc).__name__ in family.sparse_classes
             else:  # cross-attention / text refiner keep their processor object
                 assert proc is before[name]
-        assert torch.equal(_run(model, inputs), reference)
+        assert torch.equal(run(model, inputs), reference)
         dit_sparse.remove(model)
         assert not handle.active
-        after = _processors(model)
+        after = processors(model)
         assert after.keys() == before.keys()
         assert all(after[n] is before[n] for n in before)
-        assert torch.equal(_run(model, inputs), reference)
+        assert torch.equal(run(model, inputs), reference)
 
 
 def test_full_plan_through_block_executor_matches_dense(case):
     family, model, inputs, reference = case
-    handle = _apply_full(model)
+    handle = apply_full(model)
     try:
         with warnings.catch_warnings():
-            _fail_on_fallback()
-            out = _run(model, inputs)
+            fail_on_fallback()
+            out = run(model, inputs)
         stats = handle.stats()
     finally:
         handle.remove()
@@ -275,7 +255,7 @@ def test_full_plan_through_block_executor_matches_dense(case):
 
 def test_layout_accounts_for_every_token(case):
     family, model, inputs, _ = case
-    handle = _apply_full(model)
+    handle = apply_full(model)
     seen = []
     attend = handle.core.attend
 
@@ -285,7 +265,7 @@ def test_layout_accounts_for_every_token(case):
 
     handle.core.attend = recording_attend
     try:
-        _run(model, inputs)
+        run(model, inputs)
     finally:
         handle.remove()
     assert len(seen) == family.num_sparse
@@ -311,11 +291,11 @@ def _family(name: str) -> Family:
 
 
 def _sparse_matches(model, inputs, reference, warmup_layers: int = 0) -> dict:
-    handle = _apply_full(model, warmup_layers)
+    handle = apply_full(model, warmup_layers)
     try:
         with warnings.catch_warnings():
-            _fail_on_fallback()
-            out = _run(model, inputs)
+            fail_on_fallback()
+            out = run(model, inputs)
         stats = handle.stats()
     finally:
         handle.remove()
@@ -324,17 +304,17 @@ def _sparse_matches(model, inputs, reference, warmup_layers: int = 0) -> dict:
 
 
 def test_qwen_padded_text_masks_in_turn_and_after_dense_warmup():
-    model = _model(_family("qwen_image"))
+    model = seeded_model(_family("qwen_image").build)
     padded = [_qwen_inputs(model, seed=3, valid=v) for v in ((4, 4), (2, 2), (TEXT, TEXT))]
-    references = [_run(model, x) for x in padded]
+    references = [run(model, x) for x in padded]
     # warmup_layers=1: the first layer runs the original masked call, the second the trimmed sparse path.
     for warmup_layers in (0, 1):
-        handle = _apply_full(model, warmup_layers)
+        handle = apply_full(model, warmup_layers)
         try:
             for inputs, reference in zip(padded, references):  # three masks in turn: no stale cache
                 with warnings.catch_warnings():
-                    _fail_on_fallback()
-                    torch.testing.assert_close(_run(model, inputs), reference, atol=1e-4, rtol=1e-4)
+                    fail_on_fallback()
+                    torch.testing.assert_close(run(model, inputs), reference, atol=1e-4, rtol=1e-4)
             stats = handle.stats()
         finally:
             handle.remove()
@@ -343,7 +323,7 @@ def test_qwen_padded_text_masks_in_turn_and_after_dense_warmup():
 
 def test_qwen_processor_matches_on_padded_text_tokens_too():
     # The last block's padded text outputs never reach the model output, so check the processor directly.
-    model = _model(_family("qwen_image"))
+    model = seeded_model(_family("qwen_image").build)
     inputs = _qwen_inputs(model, seed=6, valid=(3, 3))
     captured = {}
     attn = model.transformer_blocks[1].attn
@@ -353,7 +333,7 @@ def test_qwen_processor_matches_on_padded_text_tokens_too():
 
     hook = attn.register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        _run(model, inputs)
+        run(model, inputs)
     finally:
         hook.remove()
     with torch.no_grad():
@@ -367,17 +347,17 @@ def test_qwen_processor_matches_on_padded_text_tokens_too():
 
 
 def test_qwen_unequal_or_gapped_padding_falls_back_to_dense_with_a_warning():
-    model = _model(_family("qwen_image"))
+    model = seeded_model(_family("qwen_image").build)
     unequal = _qwen_inputs(model, seed=4, valid=(TEXT, 3))
     gapped = _qwen_inputs(model, seed=4)
     gapped["encoder_hidden_states_mask"] = torch.ones(BATCH, TEXT, dtype=torch.bool)
     gapped["encoder_hidden_states_mask"][:, 2] = False  # not a prefix
     for inputs in (unequal, gapped):
-        reference = _run(model, inputs)
-        handle = _apply_full(model)
+        reference = run(model, inputs)
+        handle = apply_full(model)
         try:
             with pytest.warns(UserWarning, match="attention mask"):
-                out = _run(model, inputs)
+                out = run(model, inputs)
             stats = handle.stats()
         finally:
             handle.remove()
@@ -399,25 +379,25 @@ def test_qwen_layout_from_img_shapes():
 
 
 def test_hv15_padded_text_variants():
-    model = _model(_family("hunyuan_video15"))
+    model = seeded_model(_family("hunyuan_video15").build)
     variants = [
         _hv15_inputs(model, seed=3, valid=(2, 2), glyph_valid=(0, 0)),
         _hv15_inputs(model, seed=3, valid=(HV15_TEXT, HV15_TEXT), glyph_valid=(HV15_GLYPH, HV15_GLYPH), image=True),
     ]
     for inputs in variants:
-        stats = _sparse_matches(model, inputs, _run(model, inputs))
+        stats = _sparse_matches(model, inputs, run(model, inputs))
         assert stats["sparse_calls"] == 2 and stats["fallback_calls"] == 0
-    stats = _sparse_matches(model, variants[0], _run(model, variants[0]), warmup_layers=1)
+    stats = _sparse_matches(model, variants[0], run(model, variants[0]), warmup_layers=1)
     assert stats["sparse_calls"] == 1 and stats["fallback_calls"] == 0
 
 
 def test_hv15_processor_matches_on_padded_text_tokens_too():
-    model = _model(_family("hunyuan_video15"))
+    model = seeded_model(_family("hunyuan_video15").build)
     g = torch.Generator().manual_seed(6)
     video, text, dim = 45, 9, 24
     mask = (torch.arange(text) < 4).expand(BATCH, -1)
-    freqs = (_randn(g, video, 12), _randn(g, video, 12))
-    args = (_randn(g, BATCH, video, dim), _randn(g, BATCH, text, dim), mask, freqs)
+    freqs = (randn(g, video, 12), randn(g, video, 12))
+    args = (randn(g, BATCH, video, dim), randn(g, BATCH, text, dim), mask, freqs)
     attn = model.transformer_blocks[0].attn
     with torch.no_grad():
         ref_out, ref_enc = attn.processor(attn, *args)
@@ -429,13 +409,13 @@ def test_hv15_processor_matches_on_padded_text_tokens_too():
 
 
 def test_hv15_unequal_padding_falls_back_to_dense_with_a_warning():
-    model = _model(_family("hunyuan_video15"))
+    model = seeded_model(_family("hunyuan_video15").build)
     inputs = _hv15_inputs(model, seed=4, valid=(HV15_TEXT, 3))
-    reference = _run(model, inputs)
-    handle = _apply_full(model)
+    reference = run(model, inputs)
+    handle = apply_full(model)
     try:
         with pytest.warns(UserWarning, match="attention mask"):
-            out = _run(model, inputs)
+            out = run(model, inputs)
         stats = handle.stats()
     finally:
         handle.remove()
@@ -444,10 +424,10 @@ def test_hv15_unequal_padding_falls_back_to_dense_with_a_warning():
 
 
 def test_mochi_unequal_prompt_lengths_run_sparse_per_sample():
-    model = _model(_family("mochi"))
+    model = seeded_model(_family("mochi").build)
     inputs = _mochi_inputs(model, seed=4, valid=(TEXT, 2))  # batched CFG with a short negative prompt
-    reference = _run(model, inputs)
-    handle = _apply_full(model)
+    reference = run(model, inputs)
+    handle = apply_full(model)
     names = []
     attend = handle.core.attend
 
@@ -458,8 +438,8 @@ def test_mochi_unequal_prompt_lengths_run_sparse_per_sample():
     handle.core.attend = recording_attend
     try:
         with warnings.catch_warnings():
-            _fail_on_fallback()
-            out = _run(model, inputs)
+            fail_on_fallback()
+            out = run(model, inputs)
         stats = handle.stats()
     finally:
         handle.remove()
@@ -470,13 +450,13 @@ def test_mochi_unequal_prompt_lengths_run_sparse_per_sample():
 
 
 def test_mochi_processor_zero_pads_dropped_prompt_tokens():
-    model = _model(_family("mochi"))
+    model = seeded_model(_family("mochi").build)
     g = torch.Generator().manual_seed(7)
     attn = model.transformer_blocks[0].attn1
     video, dim = 45, 16
     mask = torch.tensor([[1, 1, 0, 1, 0, 0, 1], [1, 0, 1, 1, 0, 1, 0]])  # not prefixes: Mochi gathers
-    freqs = (_randn(g, video, HEADS, 4), _randn(g, video, HEADS, 4))
-    args = (_randn(g, BATCH, video, dim), _randn(g, BATCH, TEXT, 16), mask, freqs)
+    freqs = (randn(g, video, HEADS, 4), randn(g, video, HEADS, 4))
+    args = (randn(g, BATCH, video, dim), randn(g, BATCH, TEXT, 16), mask, freqs)
     with torch.no_grad():
         ref_out, ref_enc = attn.processor(attn, *args)
         with dit_sparse.sparse_attention(model, "full", 0.5, warmup_steps=0, warmup_layers=0, block_size=16) as h:
@@ -503,21 +483,21 @@ def test_flux2_layout_and_kv_processors():
 
 
 def test_flux2_attention_backend_is_carried_over():
-    model = _model(_family("flux2"))
+    model = seeded_model(_family("flux2").build)
     inputs = _flux2_inputs(model, seed=2)
-    reference = _run(model, inputs)
+    reference = run(model, inputs)
     model.set_attention_backend("native")
     with dit_sparse.sparse_attention(model, "full", 0.0):
         backends = {m.processor._attention_backend for _, m in get_adapter(model).self_attention_modules(model)}
         assert len(backends) == 1 and str(backends.pop().value) == "native"
-        assert torch.equal(_run(model, inputs), reference)
+        assert torch.equal(run(model, inputs), reference)
 
 
 # ---------------------------------------------------------------------------------------------- real pipelines
 def _dense_and_sparse(pipe, call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict, list]:
     """The pipeline's latents dense, then with every block through the sparse core (no warm-up)."""
     dense = call()
-    handle = _apply_full(pipe.transformer)
+    handle = apply_full(pipe.transformer)
     branches = set()
     attend = handle.core.attend
 
@@ -528,7 +508,7 @@ def _dense_and_sparse(pipe, call: Callable[[], torch.Tensor]) -> tuple[torch.Ten
     handle.core.attend = recording_attend
     try:
         with warnings.catch_warnings():
-            _fail_on_fallback()
+            fail_on_fallback()
             sparse = call()
         stats = handle.stats()
     finally:
@@ -543,10 +523,10 @@ def test_qwen_image_pipeline_with_true_cfg_and_padded_prompts():
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                             transformer=_model(_family("qwen_image")))
+                             transformer=seeded_model(_family("qwen_image").build))
     g = torch.Generator().manual_seed(5)
     # Padded prompts of different lengths: CFG runs cond and uncond as separate forwards, each trimmed.
-    prompt, negative = _randn(g, 1, TEXT, 16), _randn(g, 1, TEXT - 2, 16)
+    prompt, negative = randn(g, 1, TEXT, 16), randn(g, 1, TEXT - 2, 16)
     prompt_mask = (torch.arange(TEXT) < 5)[None].long()
     negative_mask = (torch.arange(TEXT - 2) < 2)[None].long()
 
@@ -568,9 +548,9 @@ def test_mochi_pipeline_with_batched_cfg_and_a_short_negative_prompt():
 
     # Latent output only, so no VAE; prompt embeddings are passed directly, so no text encoder.
     pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-                         transformer=_model(_family("mochi")))
+                         transformer=seeded_model(_family("mochi").build))
     g = torch.Generator().manual_seed(5)
-    prompt, negative = _randn(g, 1, TEXT, 16), _randn(g, 1, TEXT, 16)
+    prompt, negative = randn(g, 1, TEXT, 16), randn(g, 1, TEXT, 16)
     prompt_mask = (torch.arange(TEXT) < 6)[None]
     negative_mask = (torch.arange(TEXT) < 2)[None]
 

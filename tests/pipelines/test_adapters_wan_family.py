@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from _tiny import processors, randn, run, seeded_model
 from diffusers import (
     AutoencoderKLWan,
     ChronoEditTransformer3DModel,
@@ -35,15 +36,13 @@ TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, 
             ffn_dim=32, num_layers=2, rope_max_seq_len=32)
 
 
-def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=g)
 
 
 def _common_inputs(g: torch.Generator, channels: int = 4, frames: int = FRAMES) -> dict:
     return dict(
-        hidden_states=_randn(g, BATCH, channels, frames, HEIGHT, WIDTH),
+        hidden_states=randn(g, BATCH, channels, frames, HEIGHT, WIDTH),
         timestep=torch.rand(BATCH, generator=g) * 1000,
-        encoder_hidden_states=_randn(g, BATCH, TEXT, 16),
+        encoder_hidden_states=randn(g, BATCH, TEXT, 16),
         return_dict=False,
     )
 
@@ -74,7 +73,7 @@ def _vace() -> torch.nn.Module:
 
 def _vace_inputs(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return dict(**_common_inputs(g), control_hidden_states=_randn(g, BATCH, 6, FRAMES, HEIGHT, WIDTH),
+    return dict(**_common_inputs(g), control_hidden_states=randn(g, BATCH, 6, FRAMES, HEIGHT, WIDTH),
                 control_hidden_states_scale=torch.tensor([0.7]))
 
 
@@ -91,9 +90,9 @@ def _animate_inputs(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     # Frame 0 is the reference image; pose latents cover the other FRAMES - 1 frames, and 5 face frames
     # shrink to those 2 in the face encoder's two stride-2 convolutions.
-    return dict(**_common_inputs(g, channels=2 * 4 + 4), encoder_hidden_states_image=_randn(g, BATCH, 5, 8),
-                pose_hidden_states=_randn(g, BATCH, 4, FRAMES - 1, HEIGHT, WIDTH),
-                face_pixel_values=_randn(g, BATCH, 3, 5, 16, 16))
+    return dict(**_common_inputs(g, channels=2 * 4 + 4), encoder_hidden_states_image=randn(g, BATCH, 5, 8),
+                pose_hidden_states=randn(g, BATCH, 4, FRAMES - 1, HEIGHT, WIDTH),
+                face_pixel_values=randn(g, BATCH, 3, 5, 16, 16))
 
 
 def _chronoedit() -> torch.nn.Module:
@@ -114,26 +113,18 @@ FAMILIES = [
 ]
 
 
-def _model(family: Family) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return family.build().eval()
 
 
-def _run(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs)[0]
 
 
-def _processors(model) -> dict[str, object]:
-    return {name: m.processor for name, m in model.named_modules() if hasattr(m, "set_processor")}
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=[f.name for f in FAMILIES])
 def case(request):
     family = request.param
-    model = _model(family)
+    model = seeded_model(family.build)
     inputs = family.inputs(seed=1)
-    return family, model, inputs, _run(model, inputs)
+    return family, model, inputs, run(model, inputs)
 
 
 def test_adapter_names_the_self_attention_modules(case):
@@ -146,22 +137,22 @@ def test_adapter_names_the_self_attention_modules(case):
 
 def test_dense_is_bitwise_diffusers_and_remove_restores(case):
     family, model, inputs, reference = case
-    before = _processors(model)
+    before = processors(model)
     for method in ("dense", "full"):
         handle = dit_sparse.apply(model, method, 0.0)
-        now = _processors(model)
+        now = processors(model)
         for name, proc in now.items():
             if name in family.sparse_modules:
                 assert type(proc).__name__ == family.sparse_class
                 assert isinstance(proc, type(before[name]))  # still a drop-in for Diffusers' class
             else:  # cross-attention and face-adapter modules keep their processor object
                 assert proc is before[name]
-        assert torch.equal(_run(model, inputs), reference)
+        assert torch.equal(run(model, inputs), reference)
         dit_sparse.remove(model)
         assert not handle.active
-        after = _processors(model)
+        after = processors(model)
         assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
-        assert torch.equal(_run(model, inputs), reference)
+        assert torch.equal(run(model, inputs), reference)
 
 
 def test_full_plan_through_cpu_executor_matches_dense(case):
@@ -172,7 +163,7 @@ def test_full_plan_through_cpu_executor_matches_dense(case):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # no dense fallback allowed
-                out = _run(model, inputs)
+                out = run(model, inputs)
             stats = handle.stats()
         finally:
             handle.remove()
@@ -192,7 +183,7 @@ def test_layout_accounts_for_every_token(case):
 
     handle.core.attend = recording_attend
     try:
-        _run(model, inputs)
+        run(model, inputs)
     finally:
         handle.remove()
     assert sorted(name for name, *_ in seen) == sorted(family.sparse_modules)
@@ -207,11 +198,11 @@ def test_skyreels_block_causal_mask_runs_dense_with_a_warning():
     torch.manual_seed(0)
     model = _skyreels(num_frame_per_block=2).eval()
     inputs = _skyreels_inputs(seed=2, frames=4)
-    reference = _run(model, inputs)
+    reference = run(model, inputs)
     handle = dit_sparse.apply(model, "full", 0.5, warmup_steps=0, warmup_layers=0, block_size=16)
     try:
         with pytest.warns(UserWarning, match="attention mask"):
-            out = _run(model, inputs)
+            out = run(model, inputs)
         stats = handle.stats()
     finally:
         handle.remove()
@@ -229,9 +220,9 @@ def _vae() -> AutoencoderKLWan:
 def _sparse_pipeline_run(pipe, transformer_attrs: tuple[str, ...], num_sparse_modules: int, **call) -> dict:
     """Run `pipe` with CFG, dense then sparse ("full" at 0.5 from step 1), and check what ran where."""
     g = torch.Generator().manual_seed(3)
-    embeds = dict(prompt_embeds=_randn(g, 1, TEXT, 16), negative_prompt_embeds=_randn(g, 1, TEXT, 16))
+    embeds = dict(prompt_embeds=randn(g, 1, TEXT, 16), negative_prompt_embeds=randn(g, 1, TEXT, 16))
     kwargs = dict(num_inference_steps=2, guidance_scale=5.0, output_type="latent", **embeds, **call)
-    before = {a: _processors(getattr(pipe, a)) for a in transformer_attrs}
+    before = {a: processors(getattr(pipe, a)) for a in transformer_attrs}
     dense = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
     handle = dit_sparse.apply(pipe, "full", 0.5, warmup_steps=1, warmup_layers=0, block_size=16, backend="cpu")
     calls = record_attention_calls(handle)
@@ -242,7 +233,7 @@ def _sparse_pipeline_run(pipe, transformer_attrs: tuple[str, ...], num_sparse_mo
         stats = handle.stats()
     finally:
         dit_sparse.remove(pipe)
-    assert all(_processors(getattr(pipe, a)) == before[a] for a in transformer_attrs)
+    assert all(processors(getattr(pipe, a)) == before[a] for a in transformer_attrs)
     # Step 0 dense (warm-up), step 1 sparse, each for the cond and the uncond branch.
     assert sorted(set(calls)) == [(attr, step, branch) for attr in sorted(transformer_attrs)
                                   for step in (0, 1) for branch in ("cond", "uncond")]
