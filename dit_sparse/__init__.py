@@ -10,7 +10,8 @@
 from .api import SparseHandle, apply, remove, sparse_attention
 from .config import ConfigError, SparseConfig, WarmupConfig
 from .layout import VideoLayout
-from .method import SparseMethod, available_methods, register_method
+from .method import SparseMethod, register_method
+from .methods import available_methods
 from .plan import BlockPlan
 
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ import torch
 
 from .config import ConfigError, SparseConfig, WarmupConfig, check_sparsity
 from .core import SparseAttentionCore
-from .method import build_method
+from .methods import build_method
 from .stats import SparsityStats
 from .tracking import StepTracker, attach_tracker, check_detachable, detach_tracker
 

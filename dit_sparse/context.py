@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from .layout import VideoLayout
+from .state import LayerStates
 
 Tensor = torch.Tensor
 
@@ -16,9 +16,9 @@ Tensor = torch.Tensor
 class AttentionContext:
     """Position of one attention call in the model and in the denoising loop.
 
-    `state` is a dict private to (method, layer, CFG branch) that survives across denoising steps and is
-    cleared between generations: methods keep their caches (centroids, skip lists, plans) there, so the
-    cond and uncond branches never share one.
+    `states` holds the typed state of every method of the chain for this (layer, CFG branch): it survives
+    across denoising steps and is dropped between generations; a method reads its own with
+    `method.state_of(ctx)` (centroids, skip lists, plans), so the cond and uncond branches never share one.
 
     `token_order` is None when q, k and v come in the model's own token order. Otherwise the adapter runs
     the whole transformer in the order its method asked for (`SparseMethod.model_order`): int64 [S] on the
@@ -34,6 +34,6 @@ class AttentionContext:
     branch: str
     layout: VideoLayout | None
     sparsity: float
-    state: dict[str, Any] = field(default_factory=dict)
+    states: LayerStates = field(default_factory=LayerStates)
     model_family: str | None = None  # the adapter's family ("wan", "flux", ...), for saved per-model configs
     token_order: Tensor | None = None

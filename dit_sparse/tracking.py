@@ -18,6 +18,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from .context import AttentionContext
 from .layout import VideoLayout
+from .state import StateStore
 
 HOOK_NAME = "dit_sparse_step_tracker"
 DEFAULT_BRANCH = "default"
@@ -44,7 +45,7 @@ class StepTracker:
         self.forward_calls = 0
         self._last_t: float | None = None
         self._unnamed_in_step = 0  # forwards of the current step that came without a cache context
-        self._states: dict[tuple[str, str], dict[str, Any]] = {}
+        self.states = StateStore()  # the methods' state of every (layer, branch) of this generation
 
     # Called by the hook ---------------------------------------------------------------------------
     def begin_forward(
@@ -84,7 +85,7 @@ class StepTracker:
         self.step = 0
         self._last_t = None
         self.num_steps = self.fixed_num_steps
-        self._states.clear()
+        self.states.clear()
         self.forward_calls = 0
         self.generation += 1
 
@@ -92,8 +93,6 @@ class StepTracker:
     def context(
         self, layer: int, layer_name: str, num_layers: int, sparsity: float, layout: VideoLayout | None
     ) -> AttentionContext:
-        key = (layer_name, self.branch)
-        state = self._states.setdefault(key, {})
         return AttentionContext(
             layer=layer,
             layer_name=layer_name,
@@ -103,7 +102,7 @@ class StepTracker:
             branch=self.branch,
             layout=layout,
             sparsity=sparsity,
-            state=state,
+            states=self.states.get(layer_name, self.branch),
             model_family=self.model_family,
             token_order=None if self.token_order is None else self.token_order[0],
         )

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_sparse.method import split_method_list, split_method_options
+from dit_sparse.methods import split_method_list, split_method_options
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def stepped_call(spec: str, shape: CallShape, sets: list, sparsity: float, backe
     from dit_sparse.config import SparseConfig, WarmupConfig
     from dit_sparse.core import SparseAttentionCore
     from dit_sparse.layout import VideoLayout
-    from dit_sparse.method import build_method
+    from dit_sparse.methods import build_method
     from dit_sparse.tracking import StepTracker
 
     name, opts = split_method_options(spec)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dit_sparse.method import split_method_list
+from dit_sparse.methods import split_method_list
 
 from .bench_call import _cycle, sync_free
 
@@ -128,7 +128,7 @@ def bench_model(case: ModelCase, methods: list[str], sparsities: list[float], re
     from diffusers.models.attention_dispatch import attention_backend
 
     import dit_sparse
-    from dit_sparse.method import split_method_options
+    from dit_sparse.methods import split_method_options
 
     with torch.device("cuda"):
         model = case.build().to(torch.bfloat16).eval()

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dit_sparse.config import ConfigError, check_sparsity
-from dit_sparse.method import split_method_list, split_method_options
+from dit_sparse.methods import split_method_list, split_method_options
 
 from .adapters import UnsupportedModelError
 from .loading import BUNDLED, ModelLoadError, load_model, resolve_device

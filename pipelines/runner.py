@@ -13,7 +13,7 @@ from dit_sparse.kernels import check_backend
 
 import dit_sparse
 from dit_sparse.config import ConfigError, WarmupConfig, check_sparsity
-from dit_sparse.method import build_method, split_method_options
+from dit_sparse.methods import build_method, split_method_options
 
 from .loading import LoadedModel
 

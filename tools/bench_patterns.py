@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from dit_sparse.kernels import available_backends, block_sparse_attention
 
-from dit_sparse import patterns3d
 from dit_sparse.context import AttentionContext
 from dit_sparse.layout import VideoLayout
-from dit_sparse.method import build_method
-from dit_sparse.patterns3d import build_plan, choose_pattern, plan_density
+from dit_sparse.methods import build_method
+from dit_sparse.methods.window3d.patterns import choose_pattern, plan_density
+from dit_sparse.methods.window3d.plans import build_plan
+from dit_sparse.methods.window3d.tiling import VideoTiling, choose_tile
 from dit_sparse.plan import BlockPlan
-from dit_sparse.tiling import VideoTiling, choose_tile
+from dit_sparse.state import LayerStates
 
 
 def bench(fn, warmup: int = 10, rep: int = 50) -> float:
@@ -73,7 +74,7 @@ def check_against_reference(device, dtype) -> float:
     q, k, v = (torch.randn(2, 2, layout.seq_len, 128, generator=g, device=device, dtype=dtype) for _ in range(3))
     worst = 0.0
     for block in (None, 64):
-        T = VideoTiling.get(layout, (2, 4, 8), device=device, block=block)
+        T = VideoTiling(layout, (2, 4, 8), device=device, block=block)
         plan = build_plan(T, (choose_pattern(T, "window", 0.3), choose_pattern(T, "radial", 0.3)), 2)
         a = block_sparse_attention(q, k, v, plan, backend="triton").out.float()
         b = block_sparse_attention(q, k, v, plan, backend="reference").out.float()
@@ -85,10 +86,8 @@ def planning_cost(layout: VideoLayout, tile, block, sparsity: float, H: int, dev
     """Seconds for a cold plan (method object, tiling, masks, indices) and a cached per-step plan call."""
     q = torch.empty(1, H, layout.seq_len, 128, device=device, dtype=torch.bfloat16)
     method, _ = build_method("window3d", sparsity, {"pattern": "window", "tile": tile, "block": block})
-    state: dict = {}
-    ctx = lambda step: AttentionContext(0, "blocks.0.attn1", 30, step, 50, "cond", layout, sparsity, state)
-    VideoTiling._cached.cache_clear()
-    patterns3d._PLAN_CACHE.clear()
+    states = LayerStates()
+    ctx = lambda step: AttentionContext(0, "blocks.0.attn1", 30, step, 50, "cond", layout, sparsity, states)
     t0 = time.perf_counter()
     plan = method.plan(q, q, q, ctx(0))
     if q.is_cuda:
@@ -156,7 +155,7 @@ def main() -> None:
         block = int(blk) if blk else None
         tile = choose_tile(layout, block or 128) if spec == "auto" else tuple(int(x) for x in spec.split("x"))
         cost = planning_cost(layout, tile, block, args.sparsity, H, dev)  # first: measures a truly cold plan
-        T = VideoTiling.get(layout, tile, device=dev, block=block)
+        T = VideoTiling(layout, tile, device=dev, block=block)
         # Physical permutation in the processor's [B, S, H, D] layout: q, k, v forward + output inverse.
         perm_ms = bench(lambda T=T: (T.permute(qs, 1), T.permute(ks, 1), T.permute(vs, 1), T.unpermute(qs, 1)))
         sizes = T.unit_offsets[1:] - T.unit_offsets[:-1]

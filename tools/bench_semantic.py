@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from dit_sparse.kernels import available_backends, block_sparse_attention
 
-from dit_sparse import kmeans as km
 from dit_sparse.context import AttentionContext
-from dit_sparse.method import build_method
+from dit_sparse.methods import build_method
+from dit_sparse.methods.semantic import kmeans as km
 
 SMOKE = False  # --smoke: tiny CPU run that only checks the script end to end
 
@@ -91,7 +91,7 @@ def ctx() -> AttentionContext:
 
 def bench_kmeans_kernels(q, rows):
     """Assignment and segment-sum kernels: launch configs, label agreement with the PyTorch path."""
-    from dit_sparse.kmeans_triton import assign, segment_sum
+    from dit_sparse.kernels.kmeans import assign, segment_sum
 
     nq, nk = (16, 64) if SMOKE else (152, 608)
     out = []
@@ -118,14 +118,14 @@ def bench_kmeans_kernels(q, rows):
 
 def bench_plan_stages(q, k, v, method, c, rows):
     """Time of each planning stage after warm k-means (centroid logits -> selection -> BlockPlan)."""
-    import dit_sparse.semantic as sem
-    from dit_sparse.budget import select_blocks
+    import dit_sparse.methods.semantic.method as sem
+    from dit_sparse.methods.budget import select_blocks
     from dit_sparse.plan import BlockPlan
 
     S, D = q.shape[2], q.shape[3]
     nq, nk = method.cluster_counts(S)
-    st = c.state["semantic"]
-    qr, kr = km.kmeans(q, nq, 2, init=st["q"]), km.kmeans(k, nk, 2, init=st["k"])
+    st = method.state_of(c)
+    qr, kr = km.kmeans(q, nq, 2, init=st.q_centroids), km.kmeans(k, nk, 2, init=st.k_centroids)
     o = method.options
     mb = max(1, math.ceil(o.min_kc_ratio * nk))
     logits = torch.matmul(qr.centroids, kr.centroids.transpose(-1, -2)) / D**0.5
@@ -189,10 +189,10 @@ def main() -> None:
         torch.cuda.synchronize()
     res["cold_plan_ms_once"] = (time.perf_counter() - t0) * 1e3
     nq, nk = method.cluster_counts(S)
-    st = c.state["semantic"]
+    st = method.state_of(c)
     res["clusters"] = [nq, nk]
     res["warm_kmeans_ms"] = timed(
-        lambda: (km.kmeans(q, nq, 2, init=st["q"]), km.kmeans(k, nk, 2, init=st["k"]))
+        lambda: (km.kmeans(q, nq, 2, init=st.q_centroids), km.kmeans(k, nk, 2, init=st.k_centroids))
     )
     res["warm_plan_ms"] = timed(lambda: method.plan(q, k, v, c))
     rows.append(f"defaults q={nq} k={nk}: warm k-means {res['warm_kmeans_ms']:.3f} ms, "

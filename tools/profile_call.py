@@ -22,7 +22,7 @@ import torch
 from dit_sparse.eval.bench_call import SHAPES, _cycle, _inputs, stepped_call
 from torch.profiler import ProfilerActivity, profile
 
-from dit_sparse.method import split_method_list
+from dit_sparse.methods import split_method_list
 
 
 def profile_method(spec: str, shape_key: str, steps: int, out_dir: str) -> dict:

@@ -14,10 +14,10 @@ import argparse
 import itertools
 
 import torch
+from dit_sparse.kernels.kmeans import assign, segment_sum
 
-from dit_sparse.kmeans import sort_by_label
-from dit_sparse.kmeans_triton import assign, segment_sum
-from dit_sparse.semantic import default_clusters
+from dit_sparse.methods.semantic.kmeans import sort_by_label
+from dit_sparse.methods.semantic.method import default_clusters
 
 
 def _ms(fn, reps: int = 50) -> float:

@@ -164,7 +164,7 @@ def _record(handle):
         forwards.append((tracker.step, tracker.branch))
 
     def recording_plan(q, k, v, ctx):
-        plans.append((ctx.step, ctx.layer_name, ctx.branch, id(ctx.state)))
+        plans.append((ctx.step, ctx.layer_name, ctx.branch, id(ctx.states)))
         return plan(q, k, v, ctx)
 
     def recording_attend(*args, **kwargs):

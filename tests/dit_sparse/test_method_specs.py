@@ -1,7 +1,7 @@
 import pytest
 
 from dit_sparse.config import ConfigError
-from dit_sparse.method import build_method, split_method_list, split_method_options
+from dit_sparse.methods import build_method, split_method_list, split_method_options
 
 
 def test_split_method_list_keeps_commas_inside_brackets():

@@ -99,8 +99,8 @@ def _run_case(family, method, sparsity, options, order, steps, parallel: bool):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outs = [call() for call in calls]
-    state_heads = sorted({int(v.shape[1]) for st in handle.tracker._states.values() for e in st.values()
-                          if isinstance(e, dict) for v in e.values() if torch.is_tensor(v) and v.dim() >= 2})
+    state_heads = sorted({int(v.shape[1]) for _, states in handle.tracker.states.items() for st in states
+                          for v in vars(st).values() if torch.is_tensor(v) and v.dim() >= 2})
     return outs, handle.stats(), [str(w.message) for w in caught if "dit-sparse" in str(w.message)], state_heads
 
 

@@ -47,7 +47,7 @@ def test_remove_leaves_nothing_of_the_run_alive(name, opts):
         model(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([t]), return_dict=False)
     assert handle.stats()["sparse_calls"] > 0
     expert = handle.experts["transformer"]
-    built = list(_tensors(expert.core.method)) + list(_tensors(expert.core.tracker._states))
+    built = list(_tensors(expert.core.method)) + list(_tensors(expert.core.tracker.states))
     assert built, "the run kept no state to check"
     refs = [weakref.ref(t) for t in built] + [weakref.ref(expert.core), weakref.ref(expert.core.method)]
     del built, expert

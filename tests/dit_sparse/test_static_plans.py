@@ -14,7 +14,7 @@ import torch
 from dit_sparse.config import SparseConfig, WarmupConfig
 from dit_sparse.core import SparseAttentionCore
 from dit_sparse.layout import VideoLayout
-from dit_sparse.method import build_method, split_method_options
+from dit_sparse.methods import build_method, split_method_options
 from dit_sparse.plan import BlockPlan
 from dit_sparse.stats import SparsityStats
 from dit_sparse.tracking import StepTracker

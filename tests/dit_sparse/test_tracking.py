@@ -7,6 +7,7 @@ from dit_sparse.pipelines.tiny_models import tiny_wan_pipeline
 
 import dit_sparse
 from dit_sparse.method import SparseMethod, register_method
+from dit_sparse.state import LayerState
 
 SEEN: list[tuple] = []
 
@@ -16,17 +17,23 @@ class _SpyConfig:
     pass
 
 
+@dataclass
+class _SpyState(LayerState):
+    calls: int = 0
+
+
 @register_method
 class _Spy(SparseMethod):
     """Records the context of every planning call and returns dense."""
 
     name = "_spy"
     Config = _SpyConfig
+    State = _SpyState
 
     def plan(self, q, k, v, ctx):
-        ctx.state.setdefault("calls", 0)
-        ctx.state["calls"] += 1
-        SEEN.append((ctx.layer, ctx.step, ctx.num_steps, ctx.branch, id(ctx.state), ctx.state["calls"]))
+        state = self.state_of(ctx)
+        state.calls += 1
+        SEEN.append((ctx.layer, ctx.step, ctx.num_steps, ctx.branch, id(state), state.calls))
         return None
 
 
@@ -48,7 +55,7 @@ def test_steps_and_branches_through_wan_pipeline_with_cfg():
     assert sorted({s[1] for s in SEEN}) == [0, 1, 2, 3]
     assert {s[2] for s in SEEN} == {4}
     assert {s[3] for s in SEEN} == {"cond", "uncond"}
-    # state is per (layer, branch): 4 distinct dicts, each called once per step
+    # state is per (layer, branch): 4 distinct states, each called once per step
     states = {(s[0], s[3]): s[4] for s in SEEN}
     assert len(set(states.values())) == 4
     assert max(s[5] for s in SEEN) == 4

@@ -86,7 +86,7 @@ def test_auto_prefers_flash_attn_4_for_fixed_blocks_and_triton_for_ranges_and_st
 def test_float32_cuda_inputs_run_the_models_dense_attention_with_one_warning():
     from dit_sparse.config import SparseConfig, WarmupConfig
     from dit_sparse.core import SparseAttentionCore
-    from dit_sparse.method import build_method
+    from dit_sparse.methods import build_method
     from dit_sparse.tracking import StepTracker
 
     method, _ = build_method("pooled", 0.9, {})
@@ -104,7 +104,7 @@ def test_warm_sparse_calls_do_not_synchronise(spec):
     from dit_sparse.config import SparseConfig, WarmupConfig
     from dit_sparse.core import SparseAttentionCore
     from dit_sparse.layout import VideoLayout
-    from dit_sparse.method import build_method, split_method_options
+    from dit_sparse.methods import build_method, split_method_options
     from dit_sparse.tracking import StepTracker
 
     name, opts = split_method_options(spec)
@@ -138,7 +138,7 @@ def test_warm_sparse_calls_do_not_synchronise(spec):
 def test_graphed_planning_replays_the_eager_plan(spec, monkeypatch):
     from dit_sparse.context import AttentionContext
     from dit_sparse.layout import VideoLayout
-    from dit_sparse.method import build_method, split_method_options
+    from dit_sparse.methods import build_method, split_method_options
 
     name, opts = split_method_options(spec)
     layout = VideoLayout(5, 30, 52, text_tokens=77)  # joint attention: text ranges forced both ways

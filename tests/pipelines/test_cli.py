@@ -87,7 +87,7 @@ def test_eval_checks_every_argument_before_loading(args, message, tmp_path, caps
 
 
 def test_model_dependent_checks_run_before_any_generation(tmp_path, capsys, monkeypatch):
-    from dit_sparse.skip_calibration import SkipCalibration
+    from dit_sparse.methods.skip.calibration import SkipCalibration
 
     # A calibration made for another model is only detectable once the model is loaded, but it must
     # still fail before the dense comparison run, not after it.

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dit_sparse.layout import VideoLayout
-from dit_sparse.tiling import VideoTiling
+from dit_sparse.methods.window3d.tiling import VideoTiling
 
 
 def _check_tiling(layout: VideoLayout, tile, text_block=128):
@@ -64,9 +64,9 @@ def test_wan_480p_grid_ranges():
 
 def test_cache_and_physical_permutation_roundtrip():
     L = VideoLayout(3, 7, 11, 4, True)
-    a = VideoTiling.get(L, (2, 4, 4))
-    assert VideoTiling.get(L, [2, 4, 4]) is a
-    assert VideoTiling.get(L, (1, 4, 4)) is not a
+    a = VideoTiling(L, (2, 4, 4))
+    assert VideoTiling(L, [2, 4, 4]) is a
+    assert VideoTiling(L, (1, 4, 4)) is not a
     x = torch.randn(2, L.seq_len, 3, 5)
     y = a.permute(x, dim=1)
     assert torch.equal(y[:, 0], x[:, int(a.perm[0])])

@@ -2,7 +2,7 @@
 
 Tokens stay in natural order and are cut into fixed blocks. Each block's queries and keys are
 mean-pooled; the block logit is pooled q . pooled k * scale, and blocks are chosen by
-`dit_sparse.budget.select_blocks` exactly like the semantic method's clusters, so the two differ only
+`dit_sparse.methods.budget.select_blocks` exactly like the semantic method's clusters, so the two differ only
 in how tokens are grouped. Blocks that hold text tokens (joint attention) are computed in both
 directions.
 """
@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from dit_sparse.context import AttentionContext
+from dit_sparse.method import ReusedPlan, SparseMethod, register_method
+from dit_sparse.plan import BlockPlan
+from dit_sparse.state import LayerState
+
 from .budget import select_blocks
-from .context import AttentionContext
-from .method import SparseMethod, register_method, reuse_plan
-from .plan import BlockPlan
 
 Tensor = torch.Tensor
 
@@ -69,16 +71,25 @@ def mean_pool(x: Tensor, block: int) -> Tensor:
     return sums / sizes[:, None].float()
 
 
+@dataclass
+class PooledState(LayerState):
+    """The plan of one layer and branch, reused for `replan_every` steps."""
+
+    plan: ReusedPlan = field(default_factory=ReusedPlan)
+
+
 @register_method
 class PooledBlocks(SparseMethod):
     """Fixed blocks in natural order, scored by mean-pooled q . k."""
 
     name = "pooled"
     Config = PooledConfig
+    State = PooledState
 
     def plan(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> BlockPlan | None:
         sig = (tuple(q.shape), q.device, self.sparsity)
-        return reuse_plan(ctx, "pooled_plan", sig, self.options.replan_every, lambda: self._plan(q, k, ctx))
+        state: PooledState = self.state_of(ctx)
+        return state.plan.get(sig, ctx.step, self.options.replan_every, lambda: self._plan(q, k, ctx))
 
     def _plan(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> BlockPlan:
         B, H, S, D = q.shape

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 
-from dit_sparse import kmeans as km
+from dit_sparse.methods.semantic import kmeans as km
 
 
 def _planted(B=2, H=3, S=301, D=16, groups=5, spread=0.05, seed=0):
@@ -105,8 +105,8 @@ def test_bad_arguments_raise():
 _TRITON_CHECK = textwrap.dedent(
     """
     import torch
-    from dit_sparse import kmeans as km
-    from dit_sparse.kmeans_triton import assign, segment_sum
+    from dit_sparse.methods.semantic import kmeans as km
+    from dit_sparse.kernels.kmeans import assign, segment_sum
     g = torch.Generator().manual_seed(0)
     for dtype, S, K, D in ((torch.float32, 77, 10, 32), (torch.float16, 50, 21, 16)):
         x = torch.randn(2, S, 3, D, generator=g).transpose(1, 2).to(dtype)  # strided [2, 3, S, D]

@@ -1,10 +1,10 @@
 """Semantic permutation ("semantic"): cluster queries and keys, attend between similar clusters.
 
 Per (batch, head), queries and keys of the video tokens are clustered separately with k-means
-(`dit_sparse.kmeans`). Tokens are ordered by cluster (the plan carries the permutation; nothing is
+(`kmeans.py`). Tokens are ordered by cluster (the plan carries the permutation; nothing is
 moved in memory), so each cluster is one contiguous range and a (query cluster, key cluster) block is
 a block of the plan. Blocks are scored from the centroids, P'_ij ~ |K_j| exp(Qc_i . Kc_j * scale),
-and chosen by `dit_sparse.budget.select_blocks` under the target sparsity.
+and chosen by `dit_sparse.methods.budget.select_blocks` under the target sparsity.
 
 Centroids are cached in the per-(layer, CFG branch) state and refined with a few Lloyd iterations each
 call (cold start: more iterations from strided seeds). Dense warm-up calls run the clustering too, so
@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .budget import select_blocks
-from .context import AttentionContext
+from dit_sparse.context import AttentionContext
+from dit_sparse.method import ReusedPlan, SparseMethod, register_method
+from dit_sparse.plan import BlockPlan
+from dit_sparse.state import LayerState
+
+from ..budget import select_blocks
 from .kmeans import KMeansResult, kmeans
-from .method import SparseMethod, register_method, reuse_plan
-from .plan import BlockPlan
 
 Tensor = torch.Tensor
-
-_STATE_KEY = "semantic"
 
 
 def default_clusters(seq_len: int) -> tuple[int, int]:
@@ -130,12 +130,27 @@ def _video_span(S: int, ctx: AttentionContext) -> tuple[int, int]:
     return layout.video_start, layout.video_tokens
 
 
+@dataclass
+class SemanticState(LayerState):
+    """One layer and branch: the last centroids (warm start of the next k-means) and the reused plan."""
+
+    signature: tuple | None = None  # what the centroids were computed for (`_signature`)
+    q_centroids: Tensor | None = None  # [B, H, Kq, D]
+    k_centroids: Tensor | None = None  # [B, H, Kk, D]
+    plan: ReusedPlan = field(default_factory=ReusedPlan)
+
+    def warm_for(self, signature: tuple) -> bool:
+        """Whether the kept centroids can warm-start k-means on inputs of this signature."""
+        return self.q_centroids is not None and self.signature == signature
+
+
 @register_method
 class SemanticPermutation(SparseMethod):
     """K-means permutation of queries and keys with centroid-scored block selection."""
 
     name = "semantic"
     Config = SemanticConfig
+    State = SemanticState
 
     # ------------------------------------------------------------------ clustering
     def cluster_counts(self, video_tokens: int) -> tuple[int, int]:
@@ -151,27 +166,24 @@ class SemanticPermutation(SparseMethod):
         return nq, nk
 
     def cluster(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> tuple[KMeansResult, KMeansResult]:
-        """K-means of the video queries and keys ([B, H, Sv, D] views), warm-started from ctx.state."""
+        """K-means of the video queries and keys ([B, H, Sv, D] views), warm-started from this layer and
+        branch's last centroids when they fit."""
         B, H, S, D = q.shape
         nq, nk = self.cluster_counts(S)
-        cache = self._warm_cache(q, ctx)
-        warm = cache is not None
+        state: SemanticState = self.state_of(ctx)
+        signature = self._signature(q)
+        warm = state.warm_for(signature)
         o = self.options
         iters = o.warm_iters if warm else o.cold_iters
-        qr = kmeans(q, nq, iters, init=cache["q"] if warm else o.init)
-        kr = kmeans(k, nk, iters, init=cache["k"] if warm else o.init)
-        ctx.state[_STATE_KEY] = {"sig": self._signature(q), "q": qr.centroids, "k": kr.centroids}
+        qr = kmeans(q, nq, iters, init=state.q_centroids if warm else o.init)
+        kr = kmeans(k, nk, iters, init=state.k_centroids if warm else o.init)
+        state.signature, state.q_centroids, state.k_centroids = signature, qr.centroids, kr.centroids
         return qr, kr
 
     def _signature(self, video_q: Tensor) -> tuple:
         """What cached centroids must match to warm-start k-means on these video queries."""
         B, H, S, D = video_q.shape
         return (B, H, S, D, *self.cluster_counts(S), video_q.device)
-
-    def _warm_cache(self, video_q: Tensor, ctx: AttentionContext) -> dict | None:
-        """The cached centroids of this layer and branch when they fit `video_q`, else None (cold start)."""
-        cache = ctx.state.get(_STATE_KEY)
-        return cache if cache is not None and cache["sig"] == self._signature(video_q) else None
 
     def warmup(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> None:
         start, n = _video_span(q.shape[2], ctx)
@@ -180,7 +192,8 @@ class SemanticPermutation(SparseMethod):
     # ------------------------------------------------------------------ planning
     def plan(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> BlockPlan | None:
         sig = (tuple(q.shape), q.device, self.sparsity)
-        return reuse_plan(ctx, "semantic_plan", sig, self.options.replan_every, lambda: self._plan(q, k, ctx))
+        state: SemanticState = self.state_of(ctx)
+        return state.plan.get(sig, ctx.step, self.options.replan_every, lambda: self._plan(q, k, ctx))
 
     def blocked(self, video_tokens: int) -> bool:
         """Whether plans use the fixed-block layout for this many video tokens (see `SemanticConfig`)."""
@@ -190,13 +203,14 @@ class SemanticPermutation(SparseMethod):
     def _plan(self, q: Tensor, k: Tensor, ctx: AttentionContext) -> BlockPlan:
         start, n = _video_span(q.shape[2], ctx)
         qv, kv = q[:, :, start : start + n], k[:, :, start : start + n]
-        cache = self._warm_cache(qv, ctx)
-        if cache is None:  # cold start: once, eagerly
+        state: SemanticState = self.state_of(ctx)
+        if not state.warm_for(self._signature(qv)):  # cold start: once, eagerly
             qr, kr = self.cluster(qv, kv, ctx)
             return self._plan_from(q, k, qr, kr, start, n)
-        # Warm: k-means from the cached centroids and the whole plan, replayed as one CUDA graph on GPUs.
+        # Warm: k-means from the kept centroids and the whole plan, replayed as one CUDA graph on GPUs.
         warm = functools.partial(self._warm_plan, start=start, n=n)
-        plan, cache["q"], cache["k"] = self.graphs.run(("semantic", start, n), warm, (q, k, cache["q"], cache["k"]))
+        plan, state.q_centroids, state.k_centroids = self.graphs.run(
+            ("semantic", start, n), warm, (q, k, state.q_centroids, state.k_centroids))
         return plan
 
     def _warm_plan(self, q: Tensor, k: Tensor, q_centroids: Tensor, k_centroids: Tensor, *, start: int, n: int

@@ -8,7 +8,8 @@ import torch
 
 import dit_sparse
 from dit_sparse.config import ConfigError
-from dit_sparse.skip_calibration import SkipCalibration, calibrate_skip, load_calibration, summarize
+from dit_sparse.methods.skip.calibrate import calibrate_skip
+from dit_sparse.methods.skip.calibration import SkipCalibration, load_calibration, summarize
 
 
 def _table():

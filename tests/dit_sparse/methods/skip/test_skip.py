@@ -1,4 +1,4 @@
-"""TileSkipCache ("skip"): the mass bound, the greedy budget, re-verification, CFG isolation, memory."""
+"""SkipCache ("skip"): the mass bound, the greedy budget, re-verification, CFG isolation, memory."""
 
 import math
 from dataclasses import dataclass
@@ -11,19 +11,12 @@ import dit_sparse
 from dit_sparse.config import ConfigError, SparseConfig, WarmupConfig
 from dit_sparse.context import AttentionContext
 from dit_sparse.core import SparseAttentionCore
-from dit_sparse.dense import FullPlan, FullPlanConfig
-from dit_sparse.method import SparseMethod, build_method
+from dit_sparse.method import SparseMethod
+from dit_sparse.methods import build_method
+from dit_sparse.methods.dense import FullPlan, FullPlanConfig
+from dit_sparse.methods.skip.cache import SkipState, pack_bits, skip_cache_bytes, tile_log_bounds, unpack_bits
+from dit_sparse.methods.skip.method import SkipCache, SkipConfig
 from dit_sparse.plan import BlockPlan, token_to_range
-from dit_sparse.tile_skip import (
-    STATE_KEY,
-    SkipState,
-    TileSkipCache,
-    TileSkipConfig,
-    pack_bits,
-    skip_cache_bytes,
-    tile_log_bounds,
-    unpack_bits,
-)
 from dit_sparse.tracking import StepTracker
 
 BLOCK = 64
@@ -46,13 +39,13 @@ def _clustered_qkv(B=2, H=2, S=397, D=64, groups=3, sharp=1.0, seed=0):
     return q, k, v, tile_group
 
 
-def _ctx(state, branch="cond", layer_name="blocks.0.attn1"):
+def _ctx(branch="cond", layer_name="blocks.0.attn1"):
     return AttentionContext(layer=0, layer_name=layer_name, num_layers=1, step=0, num_steps=None,
-                            branch=branch, layout=None, sparsity=0.5, state=state)
+                            branch=branch, layout=None, sparsity=0.5)
 
 
 def _skip(**opts):
-    return TileSkipCache(0.5, TileSkipConfig(**opts), base=FullPlan(0.5, FullPlanConfig(BLOCK)))
+    return SkipCache(0.5, SkipConfig(**opts), base=FullPlan(0.5, FullPlanConfig(BLOCK)))
 
 
 def _call(method, q, k, v, ctx):
@@ -149,9 +142,9 @@ def test_greedy_skipped_mass_per_query_tile_is_within_tol():
     tol = 0.02
     q, k, v, _ = _clustered_qkv(seed=2)
     method = _skip(tol=tol, recheck_every=4, max_skip=0.95)
-    ctx = _ctx({})
+    ctx = _ctx()
     plan0, _ = _call(method, q, k, v, ctx)  # first call: full base plan, fills the cache
-    state: SkipState = ctx.state[STATE_KEY]
+    state: SkipState = method.state_of(ctx)
     skip = unpack_bits(state.bits, plan0.num_k_blocks)
     share = float(skip.float().mean())
     assert share > 0.3, share
@@ -162,16 +155,16 @@ def test_greedy_skipped_mass_per_query_tile_is_within_tol():
     assert (torch.gather(state.budget.double(), 2, q_rng) >= row_mass - 1e-9).all()
     assert float(state.budget.max()) < tol
     # A tighter tol skips less.
-    m2, ctx2 = _skip(tol=0.001, max_skip=0.95), _ctx({})
+    m2, ctx2 = _skip(tol=0.001, max_skip=0.95), _ctx()
     _call(m2, q, k, v, ctx2)
-    assert float(unpack_bits(ctx2.state[STATE_KEY].bits, plan0.num_k_blocks).float().mean()) < share
+    assert float(unpack_bits(m2.state_of(ctx2).bits, plan0.num_k_blocks).float().mean()) < share
 
 
 def test_max_skip_caps_each_row():
     q, k, v, _ = _clustered_qkv(seed=3, sharp=2.0)
-    method, ctx = _skip(tol=0.5, max_skip=0.25), _ctx({})
+    method, ctx = _skip(tol=0.5, max_skip=0.25), _ctx()
     plan0, _ = _call(method, q, k, v, ctx)
-    skipped = unpack_bits(ctx.state[STATE_KEY].bits, plan0.num_k_blocks).sum(-1)
+    skipped = unpack_bits(method.state_of(ctx).bits, plan0.num_k_blocks).sum(-1)
     assert int(skipped.max()) == math.floor(0.25 * plan0.num_k_blocks)
     plan1, _ = _call(method, q, k, v, ctx)
     assert int((plan0.kv_counts - plan1.kv_counts).max()) <= math.floor(0.25 * plan0.num_k_blocks)
@@ -183,7 +176,7 @@ def test_static_inputs_stay_within_tol_over_steps():
     q, k, v, _ = _clustered_qkv(seed=4)
     probs = _dense_probs(q, k)
     dense = reference_block_sparse_attention(q, k, v, BlockPlan.dense(2, 2, q.shape[2], BLOCK)).out
-    method, ctx = _skip(tol=tol, recheck_every=3), _ctx({})
+    method, ctx = _skip(tol=tol, recheck_every=3), _ctx()
     shares = []
     for _ in range(5):
         plan, res = _call(method, q, k, v, ctx)
@@ -201,10 +194,10 @@ def test_static_inputs_stay_within_tol_over_steps():
 @pytest.mark.parametrize("recheck_every", [3, 0])
 def test_recheck_revokes_a_skip_when_a_tile_becomes_important(recheck_every):
     q, k, v, tile_group = _clustered_qkv(seed=5, sharp=1.0)
-    method, ctx = _skip(tol=0.02, recheck_every=recheck_every), _ctx({})
+    method, ctx = _skip(tol=0.02, recheck_every=recheck_every), _ctx()
     for _ in range(2):
         plan, _ = _call(method, q, k, v, ctx)
-    skip = unpack_bits(ctx.state[STATE_KEY].bits, plan.num_k_blocks)
+    skip = unpack_bits(method.state_of(ctx).bits, plan.num_k_blocks)
     # A (query tile, key tile) pair skipped in (b, h) = (0, 0): make that key tile match the query tile.
     qi, kj = (int(x) for x in skip[0, 0].nonzero()[0])
     k2 = k.clone()
@@ -227,11 +220,11 @@ def test_recheck_revokes_a_skip_when_a_tile_becomes_important(recheck_every):
 def test_base_plan_changes_drop_stale_cache_and_keep_rows_nonempty():
     q, k, v, _ = _clustered_qkv(H=1, S=517, sharp=1.5, seed=6)
     base = _RaggedBase(0.5, _RaggedConfig())
-    method = TileSkipCache(0.5, TileSkipConfig(tol=0.05, recheck_every=0, drift_threshold=0.1), base=base)
-    ctx = _ctx({})
+    method = SkipCache(0.5, SkipConfig(tol=0.05, recheck_every=0, drift_threshold=0.1), base=base)
+    ctx = _ctx()
     _call(method, q, k, v, ctx)
     _call(method, q, k, v, ctx)
-    state = ctx.state[STATE_KEY]
+    state = method.state_of(ctx)
     assert bool(unpack_bits(state.bits, 7).any())
     base.cuts = [0, 20, 200, 210, 300, 400, 401, 517]  # sizes move by far more than 10% of tokens
     plan, _ = _call(method, q, k, v, ctx)
@@ -267,7 +260,7 @@ def test_update_every_learns_on_every_nth_call_and_reuses_the_plan_in_between(mo
                     dense_fn=lambda: None)
     assert [s[0] for s in seen] == [i % 3 == 0 for i in range(8)]
     assert [s[1] for s in seen] == [s[0] for s in seen]
-    state = tracker._states[("blocks.0.attn1", "cond")][STATE_KEY]
+    state = method.state_of(tracker.context(0, "blocks.0.attn1", 1, 0.5, None))
     assert state.updates == 3 and state.calls == 8
     assert seen[4][2] is seen[5][2]  # nothing learnt between calls 4 and 5: the same plan object
     assert seen[1][2] is not seen[4][2]  # call 3 learnt: a new plan afterwards
@@ -296,7 +289,7 @@ def test_cfg_branches_keep_separate_caches_through_the_core():
     for t in (900.0, 800.0, 700.0):
         attend("cond", q, k, t)
         attend("uncond", *diffuse, t)
-    states = {key: s[STATE_KEY] for key, s in tracker._states.items()}
+    states = {key: s.of(method) for key, s in tracker.states.items()}
     assert set(states) == {("blocks.0.attn1", "cond"), ("blocks.0.attn1", "uncond")}
     cond, uncond = states[("blocks.0.attn1", "cond")], states[("blocks.0.attn1", "uncond")]
     assert cond is not uncond and cond.calls == uncond.calls == 3
@@ -329,14 +322,14 @@ def _measured_cache_bytes(S, B, H, block, layers, branches, permuted):
         base = _PermutedBlocks(0.5, _RaggedConfig(), perm)
     else:
         base = FullPlan(0.5, FullPlanConfig(block))
-    method = TileSkipCache(0.5, TileSkipConfig(), base=base)
+    method = SkipCache(0.5, SkipConfig(), base=base)
     total = 0
     for layer in range(layers):
         for branch in ("cond", "uncond")[:branches]:
-            ctx = _ctx({}, branch=branch, layer_name=f"blocks.{layer}.attn1")
+            ctx = _ctx(branch=branch, layer_name=f"blocks.{layer}.attn1")
             for _ in range(2):  # the first call fills the cache, the second runs from it
                 _call(method, q, k, v, ctx)
-            total += ctx.state[STATE_KEY].nbytes()
+            total += method.state_of(ctx).nbytes()
     return total
 
 
@@ -356,16 +349,16 @@ def test_memory_formula_matches_what_real_caches_hold(S, B, H, block, layers, br
 def test_update_every_must_be_a_positive_integer():
     for bad in (0, -1, 1.5):
         with pytest.raises(ConfigError, match="update_every"):
-            TileSkipConfig(update_every=bad)
+            SkipConfig(update_every=bad)
 
 
 def test_config_errors_are_clear():
     with pytest.raises(ConfigError, match="tol must lie"):
-        TileSkipConfig(tol=1.5)
+        SkipConfig(tol=1.5)
     with pytest.raises(ConfigError, match="max_skip"):
-        TileSkipConfig(max_skip=1.0)
+        SkipConfig(max_skip=1.0)
     with pytest.raises(ConfigError, match="recheck_every"):
-        TileSkipConfig(recheck_every=-1)
+        SkipConfig(recheck_every=-1)
     with pytest.raises(ConfigError, match="refines another method"):
         build_method("skip", 0.5, {})
     with pytest.raises(ConfigError, match="does not exist"):
@@ -410,18 +403,18 @@ class _PermutedBlocks(SparseMethod):
 
 
 def test_membership_changes_at_constant_sizes_forget_exactly_the_moved_ranges():
-    from dit_sparse.tile_skip import range_hashes
+    from dit_sparse.methods.skip.cache import range_hashes
 
     q, k, v, _ = _clustered_qkv(B=1, H=1, S=512, sharp=2.0, seed=11)
     g = torch.Generator().manual_seed(0)
     # Whole 64-token tiles in a shuffled order: each plan block is one concentrated tile of the inputs.
     perm = (torch.randperm(8, generator=g)[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)
     base = _PermutedBlocks(0.5, _RaggedConfig(), perm)
-    method = TileSkipCache(0.5, TileSkipConfig(tol=0.2, recheck_every=0, drift_threshold=0.5), base=base)
-    ctx = _ctx({})
+    method = SkipCache(0.5, SkipConfig(tol=0.2, recheck_every=0, drift_threshold=0.5), base=base)
+    ctx = _ctx()
     _call(method, q, k, v, ctx)
     _call(method, q, k, v, ctx)
-    state = ctx.state[STATE_KEY]
+    state = method.state_of(ctx)
     before = unpack_bits(state.bits, 8)
     assert bool(before[0, 0, 2].any()) and bool(before[:, :, :, 5].any())  # skips in row 2 and column 5
     # Swap one token of block 2 with one of block 5: sizes unchanged, two ranges change membership.

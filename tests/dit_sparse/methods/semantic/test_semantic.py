@@ -5,17 +5,18 @@ import torch
 from dit_sparse.kernels import reference_block_sparse_attention
 
 import dit_sparse
-from dit_sparse import semantic as sem
 from dit_sparse.context import AttentionContext
-from dit_sparse.kmeans import KMeansResult
 from dit_sparse.layout import VideoLayout
-from dit_sparse.method import build_method
+from dit_sparse.methods import build_method
+from dit_sparse.methods.semantic import method as sem
+from dit_sparse.methods.semantic.kmeans import KMeansResult
+from dit_sparse.state import LayerStates
 
 
-def _ctx(layout=None, state=None):
+def _ctx(layout=None, states=None):
     return AttentionContext(
         layer=1, layer_name="blocks.1.attn1", num_layers=2, step=3, num_steps=10, branch="cond",
-        layout=layout, sparsity=0.9, state={} if state is None else state,
+        layout=layout, sparsity=0.9, states=LayerStates() if states is None else states,
     )
 
 
@@ -130,14 +131,14 @@ def test_centroids_are_cached_per_state_and_warm_started(monkeypatch):
     monkeypatch.setattr(sem, "kmeans", spy)
     method, _ = build_method("semantic", 0.9, {"cold_iters": 7, "warm_iters": 2})
     q, k, v = planted_qkv(B=1, H=2, S=300)
-    cond, uncond = {}, {}
-    method.warmup(q, k, v, _ctx(state=cond))  # dense warm-up step fills the cache
-    assert calls == [(7, False), (7, False)] and "semantic" in cond
-    method.plan(q, k, v, _ctx(state=cond))
+    cond, uncond = LayerStates(), LayerStates()
+    method.warmup(q, k, v, _ctx(states=cond))  # dense warm-up step fills the cache
+    assert calls == [(7, False), (7, False)] and cond.of(method).q_centroids is not None
+    method.plan(q, k, v, _ctx(states=cond))
     assert calls[-2:] == [(2, True), (2, True)]
-    method.plan(q, k, v, _ctx(state=uncond))  # another CFG branch has its own, cold, state
+    method.plan(q, k, v, _ctx(states=uncond))  # another CFG branch has its own, cold, state
     assert calls[-2:] == [(7, False), (7, False)]
-    method.plan(q[:, :, :250], k[:, :, :250], v[:, :, :250], _ctx(state=cond))  # new shape: cold again
+    method.plan(q[:, :, :250], k[:, :, :250], v[:, :, :250], _ctx(states=cond))  # new shape: cold again
     assert calls[-2:] == [(7, False), (7, False)]
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dit_sparse.budget import block_mass, select_blocks
+from dit_sparse.methods.budget import block_mass, select_blocks
 
 
 def _random_case(seed, B=2, H=3, NQ=13, NK=29, empty=True):
@@ -114,7 +114,7 @@ def test_bad_arguments_raise():
 
 @pytest.mark.parametrize("n", [7, 1024, 1025, 5000])
 def test_two_level_cumsum_is_exact(n: int) -> None:
-    from dit_sparse.budget import _cumsum
+    from dit_sparse.methods.budget import _cumsum
 
     g = torch.Generator().manual_seed(n)
     x = torch.randint(0, 16385, (2, 3, n), generator=g, dtype=torch.int64)

@@ -6,8 +6,8 @@ from dit_sparse.kernels import reference_block_sparse_attention
 
 from dit_sparse.context import AttentionContext
 from dit_sparse.layout import VideoLayout
-from dit_sparse.method import build_method
-from dit_sparse.pooled import mean_pool
+from dit_sparse.methods import build_method
+from dit_sparse.methods.pooled import mean_pool
 
 
 def _ctx(layout=None):

@@ -1,7 +1,8 @@
-"""Triton kernels for `dit_sparse.kmeans` (GPU; they also run on CPU under TRITON_INTERPRET=1).
+"""Triton kernels of semantic's k-means (`dit_sparse.methods.semantic.kmeans`; GPU, and on CPU under
+TRITON_INTERPRET=1).
 
 A Lloyd step is: `assign` (nearest centroid of every point), a stable sort of the labels (PyTorch),
-then `dit_sparse.kmeans.segment_means` (prefix sums over the sorted tokens).
+then `segment_sum` (per-cluster sums over the sorted tokens) and a division by the cluster sizes.
 
 * `assign`: each program loads a tile of BLOCK_S points once and streams its problem's centroids
   through tensor-core dot products, keeping a running (min distance, argmin) per point. The [S, K]

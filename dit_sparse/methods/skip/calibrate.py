@@ -1,4 +1,5 @@
-"""Per-layer tolerance calibration for the "skip" wrapper (`TileSkipCache`), saved as a small JSON file.
+"""Per-layer tolerance calibration for the "skip" wrapper (`SkipCache`), saved as a small JSON file
+(`calibration.py`).
 
 One calibration run replays the real skip cache at several candidate tolerances side by side ("shadow"
 caches), while the model itself follows the base method's plan (no skipping), so every candidate sees the
@@ -14,9 +15,6 @@ largest if none does).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,108 +22,20 @@ from typing import Any
 
 import torch
 
+from dit_sparse.api import apply
+from dit_sparse.config import ConfigError
+from dit_sparse.context import AttentionContext
 from dit_sparse.kernels import block_sparse_attention
 from dit_sparse.kernels.result import AttentionResult
+from dit_sparse.method import SparseMethod
+from dit_sparse.plan import BlockPlan
+from dit_sparse.state import LayerState
 
-from .config import ConfigError
-from .context import AttentionContext
-from .method import SparseMethod
-from .plan import BlockPlan
-from .tile_skip import STATE_KEY, SkipState, TileSkipCache
+from .cache import SkipState
+from .calibration import DEFAULT_TOLERANCES, SkipCalibration
+from .method import SkipCache
 
 Tensor = torch.Tensor
-
-FORMAT = "dit-sparse/tile-skip-calibration"
-VERSION = 1
-DEFAULT_TOLERANCES = (0.005, 0.01, 0.02, 0.05, 0.1)
-
-
-@dataclass
-class SkipCalibration:
-    """Per-layer measurements at each candidate tolerance, and the tolerance chosen per layer."""
-
-    model_class: str
-    method: str
-    tolerances: list[float]
-    layers: dict[str, dict[str, Any]]  # name -> {"error": [mean per tol], "max_error": [...], "skip": [...], "calls": n}
-    chosen: dict[str, float] = field(default_factory=dict)
-    target: dict[str, float] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    # ------------------------------------------------------------------ choosing
-    def choose(self, target_error: float | None = None, target_skip: float | None = None) -> SkipCalibration:
-        """A copy whose `chosen` tolerances meet one target (exactly one of the two must be given)."""
-        if (target_error is None) == (target_skip is None):
-            raise ConfigError("give exactly one of target_error (relative L2, e.g. 0.02) or target_skip (e.g. 0.5)")
-        tols = self.tolerances
-        chosen = {}
-        for name, rec in self.layers.items():
-            if target_error is not None:
-                ok = [t for t, e in zip(tols, rec["error"]) if e <= target_error]
-                chosen[name] = max(ok) if ok else 0.0
-            else:
-                ok = [t for t, s in zip(tols, rec["skip"]) if s >= target_skip]
-                chosen[name] = min(ok) if ok else max(tols)
-        target = {"error": target_error} if target_error is not None else {"skip": target_skip}
-        return dataclasses.replace(self, chosen=chosen, target=target)
-
-    def tol_for(self, layer_name: str) -> float | None:
-        """Chosen tolerance of a layer, or None when the calibration did not see it."""
-        return self.chosen.get(layer_name)
-
-    def check_model(self, model_class: str, layer_names: Sequence[str] | None = None) -> None:
-        """Raise ConfigError when this calibration was made for another model class."""
-        if model_class != self.model_class:
-            raise ConfigError(
-                f"skip calibration was made for {self.model_class}, but the model is {model_class}: "
-                f"run dit_sparse.skip_calibration.calibrate_skip on this model"
-            )
-        if layer_names is not None:
-            unknown = [n for n in self.chosen if n not in set(layer_names)]
-            if unknown:
-                raise ConfigError(
-                    f"skip calibration names layers this {model_class} does not have (e.g. {unknown[:3]}): "
-                    f"it was made for a different configuration; recalibrate"
-                )
-
-    # ------------------------------------------------------------------ file
-    def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], source: str = "<dict>") -> SkipCalibration:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ConfigError(f"{source} is not a dit-sparse skip calibration file (format {FORMAT!r})")
-        if data.get("version") != VERSION:
-            raise ConfigError(f"{source} has calibration version {data.get('version')!r}; this dit-sparse "
-                              f"reads version {VERSION}: recalibrate")
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in ("model_class", "method", "tolerances", "layers") if n not in data)
-        if missing:
-            raise ConfigError(f"{source} lacks the field(s) {missing}")
-        cal = cls(**{k: v for k, v in data.items() if k in names})
-        for name, tol in cal.chosen.items():
-            if not (isinstance(tol, (int, float)) and 0.0 <= tol < 1.0):
-                raise ConfigError(f"{source}: tolerance of layer {name!r} must lie in [0, 1), got {tol!r}")
-        return cal
-
-
-def load_calibration(path: str | Path, model_class: str | None = None) -> SkipCalibration:
-    """Read a calibration JSON file; with `model_class`, also check it was made for that model."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"skip calibration file {str(p)!r} does not exist; create it with calibrate_skip()")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"skip calibration file {str(p)!r} is not valid JSON: {exc}") from exc
-    cal = SkipCalibration.from_json(data, source=str(p))
-    if model_class is not None:
-        cal.check_model(model_class)
-    return cal
 
 
 # ---------------------------------------------------------------------------------------------- recorder
@@ -134,19 +44,28 @@ def _rel_l2(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30)
 
 
+@dataclass
+class CalibrationState(LayerState):
+    """One layer and branch: the call awaiting its result, and one shadow skip cache per tolerance."""
+
+    call: tuple | None = field(default=None, repr=False)  # (q, k, v, base plan) of the planned call
+    shadows: list[SkipState] | None = None
+
+
 class SkipCalibrationRecorder(SparseMethod):
-    """Stands in for a `TileSkipCache` during calibration: executes the base plan, shadows each tolerance.
+    """Stands in for a `SkipCache` during calibration: executes the base plan, shadows each tolerance.
 
     Not registered as a method; `calibrate_skip` swaps it into an applied handle. Usable directly, too:
     call `plan` and `observe` as the core does.
     """
 
     name = "_skip_calibration"
+    State = CalibrationState
     wraps = True
     needs_lse = True
     needs_tile_stats = True
 
-    def __init__(self, skip: TileSkipCache, tolerances: Sequence[float] = DEFAULT_TOLERANCES,
+    def __init__(self, skip: SkipCache, tolerances: Sequence[float] = DEFAULT_TOLERANCES,
                  backend: str = "auto", scale: float | None = None) -> None:
         super().__init__(skip.sparsity, skip.options, base=skip.base)
         tols = sorted(float(t) for t in tolerances)
@@ -163,24 +82,26 @@ class SkipCalibrationRecorder(SparseMethod):
         assert self.base is not None
         base_plan = self.base.plan(q, k, v, ctx)
         if base_plan is not None:
-            ctx.state[STATE_KEY + ".calibration_call"] = (q, k, v, base_plan)
+            self.state_of(ctx).call = (q, k, v, base_plan)
         return base_plan
 
     def observe(self, ctx: AttentionContext, plan: BlockPlan, result: AttentionResult) -> None:
         super().observe(ctx, plan, result)
-        call = ctx.state.pop(STATE_KEY + ".calibration_call", None)
+        state: CalibrationState = self.state_of(ctx)
+        call, state.call = state.call, None
         if call is None:
             return
         q, k, v, base_plan = call
-        shadows = ctx.state.setdefault(STATE_KEY + ".calibration", [SkipState() for _ in self.tolerances])
+        if state.shadows is None:
+            state.shadows = [SkipState() for _ in self.tolerances]
         rec = self.records.setdefault(ctx.layer_name, {
             "sum_error": [0.0] * len(self.tolerances), "max_error": [0.0] * len(self.tolerances),
             "sum_skip": [0.0] * len(self.tolerances), "calls": 0,
         })
         rec["calls"] += 1
         base_tiles = max(int(base_plan.kv_counts.sum()), 1)
-        for i, (tol, state) in enumerate(zip(self.tolerances, shadows)):
-            exec_plan = self.skip.refine(base_plan, state, tol)
+        for i, (tol, shadow) in enumerate(zip(self.tolerances, state.shadows)):
+            exec_plan = self.skip.refine(base_plan, shadow, tol)
             if exec_plan is base_plan:  # nothing skipped: the base result is this candidate's result
                 res, err, share = result, 0.0, 0.0
             else:
@@ -188,7 +109,7 @@ class SkipCalibrationRecorder(SparseMethod):
                                              return_tile_stats=True, backend=self.backend)
                 err = float(_rel_l2(res.out, result.out))
                 share = 1.0 - int(exec_plan.kv_counts.sum()) / base_tiles
-            self.skip.update(state, exec_plan, res)
+            self.skip.update(shadow, exec_plan, res)
             rec["sum_error"][i] += err
             rec["max_error"][i] = max(rec["max_error"][i], err)
             rec["sum_skip"][i] += share
@@ -236,8 +157,6 @@ def calibrate_skip(
             base plan's output, or a mean share of base tiles skipped.
         path: where to save the JSON file (optional).
     """
-    from .api import apply
-
     if not method.replace(" ", "").endswith("+skip"):
         raise ConfigError(f"calibrate_skip needs a method ending in '+skip' (e.g. 'full+skip'), got {method!r}")
     if (target_error is None) == (target_skip is None):
@@ -247,7 +166,7 @@ def calibrate_skip(
     handle = apply(target, method, sparsity, **apply_kwargs)
     try:
         skip = handle.core.method
-        if not isinstance(skip, TileSkipCache):
+        if not isinstance(skip, SkipCache):
             raise ConfigError(f"method {method!r} does not end in the skip wrapper")
         recorder = SkipCalibrationRecorder(skip, tolerances, backend=handle.core.backend)
         handle.core.method = recorder
@@ -263,13 +182,3 @@ def calibrate_skip(
     if path is not None:
         cal.save(path)
     return cal
-
-
-def summarize(cal: SkipCalibration) -> str:
-    """One line per layer: chosen tol, and mean error / skip share at each candidate."""
-    lines = [f"{cal.model_class} {cal.method} target {cal.target}"]
-    for name, rec in cal.layers.items():
-        cells = " ".join(f"{t:g}:{e:.3g}/{s:.2f}" for t, e, s in zip(cal.tolerances, rec["error"], rec["skip"]))
-        tol = cal.chosen.get(name, math.nan)
-        lines.append(f"{name}: tol={tol:g}  [tol:error/skip] {cells}")
-    return "\n".join(lines)

@@ -7,8 +7,8 @@ neighbourhood of tiles becomes a block-sparse pattern. Grids rarely divide evenl
 no dropped tokens. Text tokens (joint-attention models) stay where they are, cut into ranges of at most
 `text_block` tokens, before or after the video ranges.
 
-`VideoTiling.get` caches one instance per (layout, tile, text_block, device), so building the order costs
-nothing after the first call.
+The "window3d" method owns the tilings it builds (one per grid, tile, block and device) and keeps its
+derived data (masks, indices, plans) in each tiling's cache, so it all goes when dit-sparse is removed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .layout import VideoLayout
+from dit_sparse.layout import VideoLayout
 
 Tensor = torch.Tensor
 Tile = tuple[int, int, int]
@@ -163,19 +163,6 @@ class VideoTiling:
         r = torch.arange(L.rows).repeat_interleave(L.cols).repeat(L.frames)
         c = torch.arange(L.cols).repeat(L.frames * L.rows)
         return f, r, c
-
-    # ------------------------------------------------------------------ cache
-    @staticmethod
-    @functools.lru_cache(maxsize=64)
-    def _cached(layout: VideoLayout, tile: Tile, text_block: int, device: str, block: int | None) -> VideoTiling:
-        return VideoTiling(layout, tile, text_block, device, block)
-
-    @classmethod
-    def get(cls, layout: VideoLayout, tile: Tile = (1, 8, 8), text_block: int = 128,
-            device: torch.device | str = "cpu", block: int | None = None) -> VideoTiling:
-        """The cached tiling for these arguments (the same object on every call)."""
-        return cls._cached(layout, tuple(int(x) for x in tile), int(text_block), str(torch.device(device)),
-                           None if block is None else int(block))
 
     @property
     def key(self) -> tuple:

@@ -1,4 +1,4 @@
-"""`TileSkipCache` ("skip"): skip key tiles whose attention mass stayed provably negligible.
+"""`SkipCache` ("skip"): skip key tiles whose attention mass stayed provably negligible.
 
 A wrapper method: it refines the plan of a base method (``"full+skip"``, ``"window3d+skip"``,
 ``"semantic+skip"``). Per (layer, CFG branch, batch, head, query range) it keeps a bit-packed set of key
@@ -21,30 +21,29 @@ docs/tile-skip.md for the bound, the memory math and what `sparsity` means for `
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from dit_sparse.config import ConfigError
+from dit_sparse.context import AttentionContext
 from dit_sparse.kernels.result import AttentionResult
+from dit_sparse.method import SparseMethod, register_method
+from dit_sparse.plan import BlockPlan
+from dit_sparse.warn import WarnOnce
 
-from .config import ConfigError
-from .context import AttentionContext
-from .method import SparseMethod, register_method
-from .plan import BlockPlan, token_to_range
-from .warn import WarnOnce
+from .cache import SkipState, greedy_skips, pack_bits, range_hashes, tile_log_bounds, unpack_bits
+from .calibration import load_calibration
 
 Tensor = torch.Tensor
 
-STATE_KEY = "tile_skip"  # ctx.state is shared by the whole method chain: keep ours in one sub-dict
 _MAX_CHUNK_ELEMS = 1 << 24  # bounds the transient [rows, MAXK] tensors of the greedy update
-_SUM_SLACK = 1e-5  # float32 cumulative sums: decide against a slightly smaller tolerance
 
 
 # ---------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
-class TileSkipConfig:
+class SkipConfig:
     """Options of the "skip" wrapper.
 
     tol: bound on the attention mass each query row may lose to skipped tiles (0 disables skipping).
@@ -55,7 +54,7 @@ class TileSkipConfig:
         ranges): ranges whose set of tokens changed since the previous call lose their cached skips (rows
         and columns); a (batch, head) where more than this share of query or key ranges changed drops its
         whole cache.
-    calibration: JSON file from `dit_sparse.skip_calibration` giving `tol` per layer.
+    calibration: JSON file from `calibrate_skip` (dit_sparse.methods.skip.calibrate) giving `tol` per layer.
     update_every: the cache learns (the call runs with LSE and tile statistics, i.e. on the Triton kernel, and
         re-checks its rotating share of query ranges) on every this-many-th call of a layer and branch; the
         calls in between run the base plan minus the cached skips without statistics, on the fastest
@@ -85,163 +84,25 @@ class TileSkipConfig:
             raise ConfigError(f"skip: calibration must be a path to a JSON file, got {self.calibration!r}")
 
 
-# ---------------------------------------------------------------------------------------------- bits
-def pack_bits(mask: Tensor) -> Tensor:
-    """Bool [..., N] -> uint8 [..., ceil(N / 8)] (bit b of byte j is element 8 j + b)."""
-    n = mask.shape[-1]
-    pad = (-n) % 8
-    m = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).unflatten(-1, (-1, 8))
-    # Built on the device (a host tensor would be a synchronising copy on every call).
-    weights = torch.bitwise_left_shift(torch.ones(8, dtype=torch.uint8, device=mask.device),
-                                       torch.arange(8, dtype=torch.uint8, device=mask.device))
-    return (m * weights).sum(-1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, n: int) -> Tensor:
-    """Inverse of `pack_bits`: uint8 [..., ceil(n / 8)] -> bool [..., n]."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed[..., None] >> shifts) & 1
-    return bits.flatten(-2)[..., :n].bool()
-
-
-def skip_cache_bytes(
-    num_layers: int,
-    heads: int,
-    tokens: int,
-    block: int = 64,
-    branches: int = 2,
-    batch: int = 1,
-    variable_ranges: bool = False,
-) -> int:
-    """Persistent GPU bytes of the skip cache for a whole model (bits + per-row budget [+ range hashes]).
-
-    `variable_ranges`: the base plan's ranges can change membership (a token order or variable ranges),
-    so an int64 membership hash per query and key range is kept too.
-
-    Wan2.1-14B 720p (40 layers, 40 heads, 75,600 tokens, 64-token tiles, CFG): 1182 x 148 bytes of bits
-    plus 4 bytes of budget per query range -> 575 MB, 0.72% of 80 GB.
-    """
-    n = -(-tokens // block)
-    rows = num_layers * branches * batch * heads * n
-    total = rows * (-(-n // 8)) + rows * 4
-    if variable_ranges:  # int64 membership hashes of the previous call's query and key ranges
-        total += num_layers * branches * batch * heads * 2 * n * 8
-    return total
-
-
-# ---------------------------------------------------------------------------------------------- bound
-def tile_log_bounds(plan: BlockPlan, lse: Tensor, tile_max: Tensor) -> Tensor:
-    """log of the per-tile mass bound n_j * exp(tile_max - min row LSE), aligned with `plan.kv_indices`.
-
-    `lse` is [B, H, S] in original token order, `tile_max` [B, H, NQ, MAXK]. Unusable entries (no rows,
-    no keys) give -inf (bound 0); undefined ones (NaN) give +inf, so they are never skipped.
-    """
-    B, H, NQ, MAXK = tile_max.shape
-    lse = lse.float()
-    if plan.q_perm is not None:
-        lse = torch.gather(lse, 2, plan.q_perm)
-    q_range = token_to_range(plan.q_offsets, lse.shape[-1])
-    min_lse = torch.full((B, H, NQ), math.inf, dtype=torch.float32, device=lse.device)
-    min_lse.scatter_reduce_(2, q_range, lse, reduce="amin")
-    k_len = (plan.k_offsets[..., 1:] - plan.k_offsets[..., :-1]).float()  # [B, H, NK]
-    n_k = torch.gather(k_len, 2, plan.kv_indices.long().flatten(2)).view(B, H, NQ, MAXK)
-    lb = torch.log(n_k) + tile_max.float() - min_lse[..., None]
-    return torch.nan_to_num(lb, nan=math.inf, posinf=math.inf, neginf=-math.inf)
-
-
-def greedy_skips(
-    log_bounds: Tensor,
-    kv_indices: Tensor,
-    kv_counts: Tensor,
-    budget: Tensor,
-    tol: float,
-    cap_left: Tensor,
-    num_k: int,
-) -> tuple[Tensor, Tensor]:
-    """Pick, per row, the smallest-bound slots while `budget` + their summed bounds stays < `tol`.
-
-    Args are [..., MAXK] (bounds, indices), [...] (counts, already committed budget, how many more tiles
-    the cap allows). Returns (bool [..., num_k] new skips by key-range index, float32 [...] added budget).
-    """
-    maxk = log_bounds.shape[-1]
-    slots = torch.arange(maxk, device=log_bounds.device)
-    bounds = torch.exp(log_bounds).masked_fill(slots >= kv_counts[..., None], math.inf)
-    sorted_b, order = torch.sort(bounds, dim=-1)
-    cum = torch.cumsum(sorted_b, -1) + budget[..., None]
-    # Bounds are >= 0, so `take` is a prefix of the sorted order: the greedy rule.
-    take = (cum < tol * (1.0 - _SUM_SLACK)) & (slots < cap_left[..., None])
-    added = torch.where(take, sorted_b, torch.zeros_like(sorted_b)).sum(-1)
-    idx = torch.gather(kv_indices.long(), -1, order)
-    hits = torch.zeros(*idx.shape[:-1], num_k, dtype=torch.uint8, device=idx.device)
-    # scatter_add: untaken slots may repeat an index (padding) and must not clear a taken one.
-    hits.scatter_add_(-1, idx, take.to(torch.uint8))
-    return hits > 0, added
-
-
-# ---------------------------------------------------------------------------------------------- state
-@dataclass
-class SkipState:
-    """Cache of one (layer, CFG branch): packed skip bits, committed bound per query range, bookkeeping."""
-
-    bits: Tensor | None = None  # uint8 [B, H, NQ, ceil(NK / 8)]
-    budget: Tensor | None = None  # float32 [B, H, NQ]: summed bounds of the skipped tiles
-    shape: tuple | None = None  # (B, H, NQ, NK, device) the cache was built for
-    q_hash: Tensor | None = None  # int64 [B, H, NQ] membership hash of each query range (ranges that move)
-    k_hash: Tensor | None = None  # int64 [B, H, NK]
-    calls: int = 0
-    updates: int = 0  # learning calls so far (they set the rotating re-check)
-    version: int = 0  # bumped whenever `bits` change: a cached executed plan is valid for one version
-    pending: dict[str, Any] | None = field(default=None, repr=False)
-    executed: tuple | None = field(default=None, repr=False)  # (base plan, version, plan run between updates)
-
-    def clear(self) -> None:
-        self.bits = self.budget = self.shape = self.q_hash = self.k_hash = None
-        self.executed = None
-        self.version += 1
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.bits, self.budget, self.q_hash, self.k_hash)
-                   if t is not None)
-
-
-_HASH_MUL, _HASH_MOD = 2654435761, 2**31 - 1
-
-
-def range_hashes(offsets: Tensor, perm: Tensor | None, seq_len: int) -> Tensor:
-    """int64 [B, H, N]: a hash of the set of original tokens in each range of a plan order.
-
-    Each token gets a pseudo-random value below 2^31 and a range's hash is their sum (order-free), taken
-    as a difference of prefix sums: equal sets give equal hashes, and a changed set collides only by
-    chance. Sums stay far below 2^63 for any sequence length.
-    """
-    B, H = offsets.shape[:2]
-    tok = torch.arange(seq_len, device=offsets.device).expand(B, H, seq_len) if perm is None else perm.long()
-    cum = torch.cumsum((tok + 1) * _HASH_MUL % _HASH_MOD, -1)
-    cum = torch.cat([torch.zeros_like(cum[..., :1]), cum], -1)
-    off = offsets.long()
-    return torch.gather(cum, 2, off[..., 1:]) - torch.gather(cum, 2, off[..., :-1])
-
-
 # ---------------------------------------------------------------------------------------------- method
 @register_method
-class TileSkipCache(SparseMethod):
+class SkipCache(SparseMethod):
     """Cross-step cache of negligible key tiles, refining any base method's plan (name "skip").
 
     `sparsity` goes to the base method; skipping adds on top of it, limited by `tol` and `max_skip`.
     """
 
     name = "skip"
-    Config = TileSkipConfig
+    Config = SkipConfig
+    State = SkipState
     wraps = True
     needs_lse = True
     needs_tile_stats = True
 
-    def __init__(self, sparsity: float, options: TileSkipConfig, base: SparseMethod | None = None) -> None:
+    def __init__(self, sparsity: float, options: SkipConfig, base: SparseMethod | None = None) -> None:
         super().__init__(sparsity, options, base)
         self.calibration = None
         if options.calibration is not None:
-            from .skip_calibration import load_calibration
-
             self.calibration = load_calibration(options.calibration)
         self._stats: dict[str, list[Tensor]] = {}
         self._warn_once = WarnOnce("dit-sparse skip: ", stacklevel=3)
@@ -272,21 +133,18 @@ class TileSkipCache(SparseMethod):
         base_plan = self.base.plan(q, k, v, ctx)
         if base_plan is None:
             return None
-        state = ctx.state.setdefault(STATE_KEY, SkipState())
+        state: SkipState = self.state_of(ctx)
         return self.refine(base_plan, state, self.tol_for(ctx.layer_name), ctx.layer_name)
 
     def stats_wanted(self, ctx: AttentionContext) -> tuple[bool, bool]:
         """LSE and tile statistics only on the calls whose result teaches the cache (`update_every`)."""
         lse, tiles = self.base.stats_wanted(ctx) if self.base is not None else (False, False)
-        state = ctx.state.get(STATE_KEY)
-        learning = state is not None and state.pending is not None
+        learning = self.state_of(ctx).pending is not None
         return lse or learning, tiles or learning
 
     def observe(self, ctx: AttentionContext, plan: BlockPlan, result: AttentionResult) -> None:
         super().observe(ctx, plan, result)
-        state = ctx.state.get(STATE_KEY)
-        if state is not None:
-            self.update(state, plan, result)
+        self.update(self.state_of(ctx), plan, result)
 
     # -------------------------------------------------------------------- the cache
     def refine(self, base_plan: BlockPlan, state: SkipState, tol: float, layer_name: str | None = None

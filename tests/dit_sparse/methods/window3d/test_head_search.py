@@ -6,21 +6,23 @@ import torch
 from dit_sparse.pipelines.tiny_models import tiny_wan_transformer
 
 import dit_sparse
-import dit_sparse.head_search as hs
+import dit_sparse.methods.window3d.method as window3d_method
 from dit_sparse.config import ConfigError
 from dit_sparse.context import AttentionContext
-from dit_sparse.head_search import (
+from dit_sparse.layout import VideoLayout
+from dit_sparse.methods import build_method
+from dit_sparse.methods.window3d.head_search import (
     HeadAssignment,
     HeadConfigMismatch,
     classify_heads,
     pattern_errors,
     sample_rows,
-    search_heads,
 )
-from dit_sparse.layout import VideoLayout
-from dit_sparse.method import build_method
-from dit_sparse.patterns3d import TilePattern, build_plan, choose_pattern, pattern_density
-from dit_sparse.tiling import VideoTiling
+from dit_sparse.methods.window3d.patterns import TilePattern, choose_pattern, pattern_density
+from dit_sparse.methods.window3d.plans import build_plan
+from dit_sparse.methods.window3d.search import search_heads
+from dit_sparse.methods.window3d.tiling import VideoTiling
+from dit_sparse.state import LayerStates
 
 
 def test_pattern_errors_match_float64_masked_attention():
@@ -89,9 +91,9 @@ def test_online_classification_picks_temporal_and_spatial_heads():
     assert classify_heads(q, k, v, T, [temporal, spatial], rows).tolist() == [0, 1]  # not an order artefact
 
 
-def _ctx(layout, step, state):
+def _ctx(layout, step, states):
     return AttentionContext(layer=3, layer_name="blocks.3.attn1", num_layers=4, step=step, num_steps=10,
-                            branch="cond", layout=layout, sparsity=0.75, state=state)
+                            branch="cond", layout=layout, sparsity=0.75, states=states)
 
 
 def test_auto_mode_assigns_heads_and_reclassifies_every_n_steps(monkeypatch):
@@ -100,17 +102,17 @@ def test_auto_mode_assigns_heads_and_reclassifies_every_n_steps(monkeypatch):
                                                 "classify_every": 2, "sample_rows": 32})
     q, k, v = _synthetic_heads(layout)
     calls = []
-    real = hs.classify_heads
-    monkeypatch.setattr(hs, "classify_heads", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    state: dict = {}
-    p0 = method.plan(q, k, v, _ctx(layout, 0, state))
-    T = VideoTiling.get(layout, (1, 4, 4))
+    real = window3d_method.classify_heads
+    monkeypatch.setattr(window3d_method, "classify_heads", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    states = LayerStates()
+    p0 = method.plan(q, k, v, _ctx(layout, 0, states))
+    T = VideoTiling(layout, (1, 4, 4))
     want = build_plan(T, (choose_pattern(T, "temporal", 0.25), choose_pattern(T, "spatial", 0.25)), 2)
     # The choice stays on the device: the plan is indexed from it, equal to the plan of that assignment.
     assert torch.equal(p0.kv_indices, want.kv_indices) and torch.equal(p0.kv_counts, want.kv_counts)
     assert torch.equal(p0.q_perm, want.q_perm) and p0.seq_lens == want.seq_lens
-    assert method.plan(q, k, v, _ctx(layout, 1, state)) is p0 and len(calls) == 1  # reused, not re-planned
-    p2 = method.plan(q, k, v, _ctx(layout, 2, state))
+    assert method.plan(q, k, v, _ctx(layout, 1, states)) is p0 and len(calls) == 1  # reused, not re-planned
+    p2 = method.plan(q, k, v, _ctx(layout, 2, states))
     assert len(calls) == 2 and torch.equal(p2.block_mask(), p0.block_mask())  # re-classified, same heads
     assert p0.density() <= 0.25 + 1e-12
 

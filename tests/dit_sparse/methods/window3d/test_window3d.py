@@ -10,12 +10,11 @@ import dit_sparse
 from dit_sparse.config import ConfigError
 from dit_sparse.context import AttentionContext
 from dit_sparse.layout import VideoLayout
-from dit_sparse.method import build_method
-from dit_sparse.patterns3d import (
+from dit_sparse.methods import build_method
+from dit_sparse.methods.window3d.method import Window3D
+from dit_sparse.methods.window3d.patterns import (
     KINDS,
-    SpatioTemporalWindows,
     TilePattern,
-    build_plan,
     choose_pattern,
     pattern_density,
     plan_density,
@@ -23,7 +22,9 @@ from dit_sparse.patterns3d import (
     search_candidates,
     window_densities,
 )
-from dit_sparse.tiling import VideoTiling, choose_tile
+from dit_sparse.methods.window3d.plans import build_plan
+from dit_sparse.methods.window3d.tiling import VideoTiling, choose_tile
+from dit_sparse.state import LayerStates
 
 
 def brute_force_mask(layout: VideoLayout, tile, pattern: TilePattern) -> torch.Tensor:
@@ -130,7 +131,7 @@ def test_spatial_and_temporal_kinds_have_the_expected_shape():
 
 
 def test_plan_cache_returns_same_object_and_per_head_patterns():
-    T = VideoTiling.get(VideoLayout(4, 9, 10, 3, True), (2, 4, 4))
+    T = VideoTiling(VideoLayout(4, 9, 10, 3, True), (2, 4, 4))
     pats = (TilePattern("window", (1, 1, 1)), TilePattern("radial", (2, 2, 3)), TilePattern("window", (1, 1, 1)))
     plan = build_plan(T, pats, batch=2)
     assert build_plan(T, pats, batch=2) is plan
@@ -155,19 +156,19 @@ def test_plan_executes_like_masked_attention_in_float64():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def _ctx(layout, step=0, state=None):
+def _ctx(layout, step=0, states=None):
     return AttentionContext(layer=1, layer_name="blocks.1.attn1", num_layers=2, step=step, num_steps=10,
-                            branch="cond", layout=layout, sparsity=0.75, state={} if state is None else state)
+                            branch="cond", layout=layout, sparsity=0.75, states=LayerStates() if states is None else states)
 
 
 def test_method_fixed_pattern_plans_are_cached_per_step():
     method, _ = build_method("window3d", 0.75, {"pattern": "window", "tile": (1, 4, 4)})
-    assert isinstance(method, SpatioTemporalWindows)
+    assert isinstance(method, Window3D)
     layout = VideoLayout(5, 8, 9)
     q = k = v = torch.randn(2, 3, layout.seq_len, 16)
-    state: dict = {}
-    p1 = method.plan(q, k, v, _ctx(layout, 0, state))
-    p2 = method.plan(q, k, v, _ctx(layout, 1, state))
+    states = LayerStates()
+    p1 = method.plan(q, k, v, _ctx(layout, 0, states))
+    p2 = method.plan(q, k, v, _ctx(layout, 1, states))
     assert p1 is p2 and p1.density() <= 0.25 + 1e-12
     # No grid known -> dense (None) with a warning.
     with pytest.warns(UserWarning, match="grid"):

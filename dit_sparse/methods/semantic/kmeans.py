@@ -11,7 +11,7 @@ vectors of very different length, whose logits (and softmax weights) differ most
 
 A Lloyd step is: assign (nearest centroid), stable sort of the labels, per-cluster mean read through
 the sort order. On CUDA with a power-of-two head dim, assignment and per-cluster sums are Triton
-kernels (`kmeans_triton`; distances never reach HBM, sums balanced over fixed chunks of the sorted
+kernels (`dit_sparse.kernels.kmeans`; distances never reach HBM, sums balanced over fixed chunks of the sorted
 order); elsewhere a batched PyTorch path runs the same maths. The last step's sort is returned: it is the token permutation the attention plan uses.
 Default seeds are tokens sampled at a fixed stride in natural order: deterministic, free, and spread
 over the whole video because video tokens are laid out frame by frame; k-means++ seeding on a
@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from dit_sparse.kernels import kmeans as kmeans_kernels
 
 Tensor = torch.Tensor
 
@@ -91,9 +93,7 @@ def _use_triton(x: Tensor) -> bool:
     D = x.shape[-1]
     if not x.is_cuda or D < 16 or D > 256 or D & (D - 1):
         return False
-    from . import kmeans_triton
-
-    return kmeans_triton.available()
+    return kmeans_kernels.available()
 
 
 def _assign_torch(x: Tensor, centroids: Tensor) -> Tensor:
@@ -145,12 +145,10 @@ def lloyd_step(x: Tensor, centroids: Tensor) -> KMeansResult:
     """Assign every point to its nearest centroid, then move each centroid to its members' mean."""
     K = centroids.shape[2]
     if _use_triton(x):
-        from .kmeans_triton import assign, segment_sum
-
-        labels = assign(x, centroids)
+        labels = kmeans_kernels.assign(x, centroids)
         perm, offsets = sort_by_label(labels, K)
         cnt = (offsets[..., 1:] - offsets[..., :-1])[..., None].float()
-        sums = segment_sum(x, perm, labels, K)
+        sums = kmeans_kernels.segment_sum(x, perm, labels, K)
         new = torch.where(cnt > 0, sums / cnt.clamp_min(1.0), centroids.float())  # empty: keep the old one
     else:
         labels = _assign_torch(x, centroids)
