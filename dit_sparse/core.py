@@ -19,6 +19,8 @@ import torch
 from dit_sparse.kernels import run_backend, select_backend
 
 from .config import SparseConfig
+from .context import AttentionContext
+from .layout import VideoLayout
 from .method import SparseMethod
 from .parallel import UlyssesGroup, context_parallel_of, gathered_order, sharded_layout, ulysses_group
 from .stats import SparsityStats
@@ -86,13 +88,7 @@ class SparseAttentionCore:
             if group is not None:
                 return self._attend_ulysses(query, key, value, group, layer, layer_name, dense_fn, text_first,
                                             attention_mask, scale)
-            layout = self.tracker.layout
-            if layout is not None:
-                try:
-                    layout = layout.with_text(S, text_first)
-                except ValueError:
-                    layout = None
-            ctx = self.tracker.context(layer, layer_name, self.num_layers, self.config.sparsity, layout)
+            ctx = self._context(layer, layer_name, self._layout(S, text_first))
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S, D] views, no copy
             if self.config.warmup.is_dense(ctx.step, ctx.num_steps, layer):
                 if layer >= self.config.warmup.layers:  # permanently dense layers never use a cache
@@ -139,15 +135,10 @@ class SparseAttentionCore:
         B, S, H, D = query.shape
         n = group.size
         pairs = B * H * S * key.shape[1] * n  # this rank's share of the query-key pairs
-        layout = self.tracker.layout
-        if layout is not None:
-            try:
-                layout = layout.with_text(S * n, text_first)
-            except ValueError:
-                layout = None
+        layout = self._layout(S * n, text_first)
         if not sharded_layout(layout, n):
             layout = None  # text/video shards of unknown sizes: the gathered order is not the model's
-        ctx = self.tracker.context(layer, layer_name, self.num_layers, self.config.sparsity, layout)
+        ctx = self._context(layer, layer_name, layout)
         warm = self.config.warmup.is_dense(ctx.step, ctx.num_steps, layer)
         reason = self._unsupported(query, key, attention_mask)
         if attention_mask is not None:  # masks are sharded data: every rank must reach the same verdict
@@ -179,6 +170,19 @@ class SparseAttentionCore:
         if order is not None:
             out = out.index_select(1, order[1])
         return group.to_sequence(out)
+
+    def _layout(self, seq_len: int, text_first: bool | None) -> VideoLayout | None:
+        """The current forward's video layout with this call's text tokens, or None when it does not fit."""
+        layout = self.tracker.layout
+        if layout is None:
+            return None
+        try:
+            return layout.with_text(seq_len, text_first)
+        except ValueError:
+            return None
+
+    def _context(self, layer: int, layer_name: str, layout: VideoLayout | None) -> AttentionContext:
+        return self.tracker.context(layer, layer_name, self.num_layers, self.config.sparsity, layout)
 
     def _unsupported(self, query: Tensor, key: Tensor, attention_mask: Tensor | None) -> str | None:
         if key.shape[1] != query.shape[1]:

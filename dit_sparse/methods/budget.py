@@ -34,6 +34,20 @@ Tensor = torch.Tensor
 _LEVEL = 64.0  # width of one priority level in the sort key; -log(probability) is clipped below it
 
 
+def check_selection_options(top_p: float, min_ratio_name: str, min_ratio: float, budget_scope: str,
+                            replan_every: int) -> None:
+    """Raise ValueError for a bad option of a method that selects with `select_blocks` and reuses plans
+    (the options "semantic" and "pooled" share; `min_ratio_name` is the method's name for its floor)."""
+    if not isinstance(replan_every, int) or replan_every < 1:
+        raise ValueError(f"replan_every must be an integer >= 1, got {replan_every!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"{min_ratio_name} must lie in [0, 1], got {min_ratio}")
+    if budget_scope not in ("head", "layer"):
+        raise ValueError(f"budget_scope must be 'head' or 'layer', got {budget_scope!r}")
+
+
 def block_mass(logits: Tensor, k_sizes: Tensor) -> Tensor:
     """P'_ij: softmax over key ranges of logit + log(range size); empty ranges get 0 (float32)."""
     logw = logits.float() + torch.log(k_sizes.float())[..., None, :]  # log(0) = -inf drops empty ranges

@@ -20,7 +20,7 @@ from dit_sparse.method import ReusedPlan, SparseMethod, register_method
 from dit_sparse.plan import BlockPlan
 from dit_sparse.state import LayerState
 
-from .budget import select_blocks
+from .budget import check_selection_options, select_blocks
 
 Tensor = torch.Tensor
 
@@ -42,16 +42,10 @@ class PooledConfig:
     replan_every: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.replan_every, int) or self.replan_every < 1:
-            raise ValueError(f"replan_every must be an integer >= 1, got {self.replan_every!r}")
+        check_selection_options(self.top_p, "min_block_ratio", self.min_block_ratio, self.budget_scope,
+                                self.replan_every)
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_block_ratio <= 1.0:
-            raise ValueError(f"min_block_ratio must lie in [0, 1], got {self.min_block_ratio}")
-        if self.budget_scope not in ("head", "layer"):
-            raise ValueError(f"budget_scope must be 'head' or 'layer', got {self.budget_scope!r}")
 
 
 def mean_pool(x: Tensor, block: int) -> Tensor:

@@ -26,7 +26,7 @@ from dit_sparse.method import ReusedPlan, SparseMethod, register_method
 from dit_sparse.plan import BlockPlan
 from dit_sparse.state import LayerState
 
-from ..budget import select_blocks
+from ..budget import check_selection_options, select_blocks
 from .kmeans import KMeansResult, kmeans
 
 Tensor = torch.Tensor
@@ -100,24 +100,17 @@ class SemanticConfig:
     block_size: int = 128
 
     def __post_init__(self) -> None:
+        check_selection_options(self.top_p, "min_kc_ratio", self.min_kc_ratio, self.budget_scope, self.replan_every)
         if self.layout not in ("auto", "clusters", "blocks"):
             raise ValueError(f"layout must be 'auto', 'clusters' or 'blocks', got {self.layout!r}")
         if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size % 16:
             raise ValueError(f"block_size must be a multiple of 16 (e.g. 128), got {self.block_size!r}")
-        if not isinstance(self.replan_every, int) or self.replan_every < 1:
-            raise ValueError(f"replan_every must be an integer >= 1, got {self.replan_every!r}")
         for name in ("num_q_clusters", "num_k_clusters"):
             val = getattr(self, name)
             if val is not None and (not isinstance(val, int) or val < 1):
                 raise ValueError(f"{name} must be a positive integer or None (automatic), got {val!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_kc_ratio <= 1.0:
-            raise ValueError(f"min_kc_ratio must lie in [0, 1], got {self.min_kc_ratio}")
         if self.cold_iters < 1 or self.warm_iters < 1:
             raise ValueError(f"cold_iters and warm_iters must be >= 1, got {self.cold_iters}, {self.warm_iters}")
-        if self.budget_scope not in ("head", "layer"):
-            raise ValueError(f"budget_scope must be 'head' or 'layer', got {self.budget_scope!r}")
         if self.init not in ("strided", "kmeans++"):
             raise ValueError(f"init must be 'strided' or 'kmeans++', got {self.init!r}")
 
