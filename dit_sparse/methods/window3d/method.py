@@ -28,6 +28,7 @@ AUTO_BLOCK, AUTO_BLOCK_FROM = 128, 8192  # block="auto": 128-token blocks from 8
 
 def _classify(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, *, tiling: VideoTiling,
               patterns: list[TilePattern], ordered: bool) -> Tensor:
+    # The graphed form of `classify_heads`: tensors positional, everything static by keyword (graphs.run).
     return classify_heads(q, k, v, tiling, patterns, rows, ordered=ordered)
 
 
