@@ -17,9 +17,7 @@ kernel computes), and whether a warm call is free of host synchronisation
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from dit_sparse.methods import split_method_list, split_method_options
+
+from .bench_cli import add_output_options, bench_each, cuda_device_name, write_results
 
 
 @dataclass(frozen=True)
@@ -298,29 +298,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--steps", type=int, default=20, help="timed steps per method (rounded up to whole cycles)")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--no-reorder", action="store_true",
-                   help="methods permute q, k, v in every call even where the model could run in their order")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/call-<gpu>.json)")
+    add_output_options(p, "call", "methods permute q, k, v in every call even where the model could run in "
+                       "their order")
     ns = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("dit-sparse bench call: needs a CUDA GPU; none is available here")
+    device = cuda_device_name(p.prog)
+    if device is None:
         return 2
-    device = torch.cuda.get_device_name()
-    rows: list[dict] = []
-    for key in ns.shapes.split(","):
-        if key not in SHAPES:
-            print(f"unknown shape {key!r}; choose from {list(SHAPES)}")
-            return 2
-        rows += bench_shape(key, split_method_list(ns.methods), ns.sparsity, ns.steps, ns.backend,
-                            reorder=not ns.no_reorder)
-        print(json.dumps(rows[-1]), flush=True)
+    rows = bench_each(ns.shapes, list(SHAPES), "shape", lambda key: bench_shape(
+        key, split_method_list(ns.methods), ns.sparsity, ns.steps, ns.backend, reorder=not ns.no_reorder))
+    if rows is None:
+        return 2
     from dit_sparse.kernels import auto_order
 
-    out = ns.out or os.path.join("benchmarks", f"call-{device.replace(' ', '_')}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"device": device, "torch": torch.__version__, "auto_order": auto_order(), "rows": rows}, f,
-                  indent=1)
+    write_results(ns.out, "call", device, {"auto_order": auto_order(), "rows": rows})
     print_table(rows, device)
     return 0
 

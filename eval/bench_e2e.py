@@ -9,9 +9,7 @@ Prints a table (device, shapes, ms, speed-up, Amdahl bound) and writes JSON. Als
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import torch
 from dit_sparse.methods import split_method_list
 
 from .bench_call import _cycle, sync_free
+from .bench_cli import add_output_options, bench_each, cuda_device_name, write_results
 
 WAN_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -233,28 +232,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--compile", action="store_true",
                    help="Diffusers' regional compile (compile_repeated_blocks(fullgraph=True)) for every row")
-    p.add_argument("--no-reorder", action="store_true",
-                   help="keep per-call permutations where the model could run in a method's token order")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/e2e-<gpu>.json)")
+    add_output_options(p, "e2e", "keep per-call permutations where the model could run in a method's token "
+                       "order")
     ns = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("dit-sparse bench e2e: needs a CUDA GPU (real model sizes); none is available here")
+    device = cuda_device_name(p.prog, " (real model sizes)")
+    if device is None:
         return 2
-    device = torch.cuda.get_device_name()
-    rows: list[dict] = []
-    for key in ns.models.split(","):
-        if key not in CASES:
-            print(f"unknown model {key!r}; choose from {sorted(CASES)}")
-            return 2
-        rows += bench_model(CASES[key](), split_method_list(ns.methods),
-                            [float(s) for s in ns.sparsities.split(",")], ns.reps, ns.backend, ns.compile,
-                            reorder=not ns.no_reorder)
+
+    def bench(key: str) -> list[dict]:
+        rows = bench_model(CASES[key](), split_method_list(ns.methods),
+                           [float(s) for s in ns.sparsities.split(",")], ns.reps, ns.backend, ns.compile,
+                           reorder=not ns.no_reorder)
         torch.cuda.empty_cache()  # the model of that case is gone with bench_model's frame
-        print(json.dumps(rows[-1]), flush=True)
-    out = ns.out or os.path.join("benchmarks", f"e2e-{device.replace(' ', '_')}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)
+        return rows
+
+    rows = bench_each(ns.models, sorted(CASES), "model", bench)
+    if rows is None:
+        return 2
+    write_results(ns.out, "e2e", device, {"rows": rows})
     print_table(rows, device)
     return 0
 

@@ -94,7 +94,8 @@ def as_video(video: VideoLike, name: str = "video") -> Tensor:
     return video
 
 
-def _pair(a: VideoLike, b: VideoLike) -> tuple[Tensor, Tensor]:
+def video_pair(a: VideoLike, b: VideoLike) -> tuple[Tensor, Tensor]:
+    """(reference, test) as float videos of one shape; a clear error when the shapes differ."""
     a, b = as_video(a, "reference video"), as_video(b, "test video")
     if a.shape != b.shape:
         raise ValueError(
@@ -114,7 +115,7 @@ def _work_dtype(a: Tensor, b: Tensor) -> torch.dtype:
 def psnr_per_frame(reference: VideoLike, test: VideoLike, max_db: float | None = None) -> Tensor:
     """PSNR of each frame in dB (peak 1.0) as a float64 tensor [F]; +inf for identical frames unless
     ``max_db`` caps it."""
-    a, b = _pair(reference, test)
+    a, b = video_pair(reference, test)
     dt = _work_dtype(a, b)
     mse = []
     for s in range(0, a.shape[0], _CHUNK):
@@ -152,7 +153,7 @@ def _blur(x: Tensor, g: Tensor) -> Tensor:
 
 def ssim_per_frame(reference: VideoLike, test: VideoLike) -> Tensor:
     """SSIM of each frame (Gaussian window, RGB channels averaged; see module docstring) as float64 [F]."""
-    a, b = _pair(reference, test)
+    a, b = video_pair(reference, test)
     H, W = a.shape[1], a.shape[2]
     if H < SSIM_WINDOW or W < SSIM_WINDOW:
         raise ValueError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {H}x{W}")
@@ -251,7 +252,7 @@ def lpips_distance(
 ) -> float | Unavailable:
     """Mean over frames of LPIPS (lower is better), inputs scaled to [-1, 1]; `Unavailable` when the
     ``lpips`` package or the backbone weights are not present locally (nothing is downloaded)."""
-    a, b = _pair(reference, test)
+    a, b = video_pair(reference, test)
     try:
         import lpips  # noqa: F401
     except ImportError:
@@ -296,44 +297,6 @@ def metric_entry(
     return entry
 
 
-def compare_videos(
-    dense: VideoLike,
-    sparse: VideoLike,
-    lpips_weights: str | os.PathLike | None = None,
-    *,
-    fps: float | None = None,
-    lpips_net: str = "alex",
-    no_reference: bool = True,
-    device: str | torch.device | None = None,
-) -> dict[str, dict[str, Any]]:
-    """All metrics of ``sparse`` against ``dense`` (same prompt and seed), keyed by metric id.
-
-    Each value is a `metric_entry` dict (name, value, unit, higher_is_better, and unavailable/how_to_fix
-    when it could not be computed). With ``no_reference`` the VBench-style no-reference metrics of the
-    sparse video are included too (see `video_metrics`; ``fps`` is the videos' frame rate, e.g. 16 for
-    Wan). ``device`` (e.g. "cuda") moves the videos there for PSNR/SSIM/LPIPS; the flow metrics run on
-    the CPU with OpenCV.
-    """
-    a, b = _pair(dense, sparse)
-    if device is not None:
-        a, b = a.to(device), b.to(device)
-    out = {
-        "psnr": metric_entry("PSNR (per frame, peak 1.0, mean over frames)", psnr(a, b), "dB", True),
-        "ssim": metric_entry("SSIM (Gaussian 11x11, sigma 1.5, RGB mean)", ssim(a, b), "", True),
-        "lpips": metric_entry(
-            f"LPIPS ({lpips_net}, inputs in [-1, 1])",
-            lpips_distance(a, b, net=lpips_net, lpips_weights=lpips_weights),
-            "",
-            False,
-        ),
-    }
-    if no_reference:
-        from .vbench_style import video_metrics
-
-        out.update(video_metrics(b, fps=fps))
-    return out
-
-
 __all__ = [
     "Unavailable",
     "as_video",
@@ -344,5 +307,4 @@ __all__ = [
     "find_lpips_backbone",
     "lpips_distance",
     "metric_entry",
-    "compare_videos",
 ]

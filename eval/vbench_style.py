@@ -289,6 +289,14 @@ def _clip_extractor(clip_weights: str | os.PathLike | None, device: str) -> Feat
     return fn
 
 
+def _consistency(video: VideoLike, fn: FeatureFn | Unavailable) -> float | Unavailable:
+    """VBench consistency of `video`'s frames under the feature extractor `fn` (`fn` itself when it is the
+    reason none could be built)."""
+    if isinstance(fn, Unavailable):
+        return fn
+    return consistency_from_features(_features(fn, _frames_chw(video)))
+
+
 def subject_consistency(
     video: VideoLike,
     feature_extractor: FeatureFn | None = None,
@@ -299,10 +307,9 @@ def subject_consistency(
 ) -> float | Unavailable:
     """VBench subject consistency (DINO ViT-B/16 features) when DINO is available locally, or with any
     ``feature_extractor`` ([F, 3, H, W] in [0, 1] -> [F, D]); `Unavailable` otherwise."""
-    fn = feature_extractor or _dino_extractor(_opt_str(dino_repo), _opt_str(dino_weights), device)
-    if isinstance(fn, Unavailable):
-        return fn
-    return consistency_from_features(_features(fn, _frames_chw(video)))
+    return _consistency(
+        video, feature_extractor or _dino_extractor(_opt_str(dino_repo), _opt_str(dino_weights), device)
+    )
 
 
 def background_consistency(
@@ -314,10 +321,7 @@ def background_consistency(
 ) -> float | Unavailable:
     """VBench background consistency (CLIP ViT-B/32 image features) when CLIP is available locally, or
     with any ``feature_extractor``; `Unavailable` otherwise."""
-    fn = feature_extractor or _clip_extractor(_opt_str(clip_weights), device)
-    if isinstance(fn, Unavailable):
-        return fn
-    return consistency_from_features(_features(fn, _frames_chw(video)))
+    return _consistency(video, feature_extractor or _clip_extractor(_opt_str(clip_weights), device))
 
 
 # ----------------------------------------------------------------------------------------- summary

@@ -20,7 +20,6 @@ statistics (the reference executor provides them, e.g. for `skip`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from dit_sparse.plan import BlockPlan, row_view, storage_rows
 
+from .backend_call import raise_if_unsupported, softmax_scale
 from .dispatch import Backend, register_backend
 from .result import AttentionResult
 
@@ -147,11 +147,9 @@ def cpu_block_sparse_attention(
     """Run `plan` on the CPU (same contract as the reference executor, without LSE or tile statistics)."""
     if return_lse or return_tile_stats:
         raise ValueError("the cpu backend computes no LSE or tile statistics; use backend='reference'")
-    reason = supports(q, plan)
-    if reason is not None:
-        raise ValueError(f"cpu backend: {reason}")
+    raise_if_unsupported("cpu", supports(q, plan))
     B, H, S, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = softmax_scale(scale, D)
     out = torch.zeros(B, H, S, D, dtype=q.dtype)  # rows of ranges that selected nothing stay 0
     out_rows = row_view(out)
     for g in plan.cached("cpu.groups", lambda: _groups(plan)):

@@ -17,19 +17,24 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 
 import torch
 
 from dit_sparse.plan import BlockPlan, shares_order
 
+from .backend_call import (
+    checks_setting_first,
+    cuda_half_reason,
+    raise_if_tile_stats,
+    raise_if_unsupported,
+    softmax_scale,
+)
 from .dispatch import Backend, register_backend
 from .permute import gather_rows
 from .result import AttentionResult
 
 Tensor = torch.Tensor
 
-_DTYPES = (torch.float16, torch.bfloat16)
 _HEAD_DIMS = (64, 128)
 _ARCHS = (9, 10)  # sm90, sm100: where flash-attn-4 implements block sparsity
 
@@ -49,18 +54,12 @@ def installed() -> bool:
 
 def supports_setting(device: torch.device, dtype: torch.dtype | None) -> str | None:
     """The part of `supports` known before any tensor exists (device, dtype if known)."""
-    if device.type != "cuda":
-        return "flash-attn-4 needs CUDA tensors"
-    if dtype is not None and dtype not in _DTYPES:
-        return f"dtype {dtype} is not supported by flash-attn-4 here (bfloat16 or float16)"
-    return None
+    return cuda_half_reason(device, dtype, "flash-attn-4 needs CUDA tensors", " by flash-attn-4 here")
 
 
+@checks_setting_first(supports_setting)
 def supports(q: Tensor, plan: BlockPlan) -> str | None:
     """None if flash-attn-4 can run these inputs, else the reason it cannot."""
-    reason = supports_setting(q.device, q.dtype)
-    if reason is not None:
-        return reason
     if q.shape[-1] not in _HEAD_DIMS:
         return f"head dim {q.shape[-1]} is not supported by the flash-attn-4 backend (64 or 128)"
     if plan.block_size is None:
@@ -127,17 +126,13 @@ def fa4_block_sparse_attention(
     return_tile_stats: bool = False,
 ) -> AttentionResult:
     """Run a fixed-block `plan` with flash-attn-4 (same contract as the reference, without tile stats)."""
-    reason = supports(q, plan)
-    if reason is not None:
-        raise ValueError(f"fa4 backend: {reason}")
-    if return_tile_stats:
-        raise ValueError("fa4 backend computes no tile statistics; use backend='triton'")
+    raise_if_unsupported("fa4", supports(q, plan))
+    raise_if_tile_stats("fa4", return_tile_stats)
     if plan.kv_indices.shape[-1] != plan.num_k_blocks:
         raise ValueError("fa4 backend needs kv_indices of width NK (as BlockPlan.from_range_mask builds them)")
     from flash_attn.cute import flash_attn_func
 
-    D = q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = softmax_scale(scale, q.shape[-1])
     qs = _to_plan_order(q, plan.q_perm)
     ks = _to_plan_order(k, plan.k_perm)
     vs = _to_plan_order(v, plan.k_perm)

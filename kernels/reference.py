@@ -13,16 +13,10 @@ import torch
 
 from dit_sparse.plan import BlockPlan, token_to_range
 
+from .backend_call import softmax_scale, to_plan_order, to_token_order
 from .result import AttentionResult
 
 Tensor = torch.Tensor
-
-
-def _gather_seq(x: Tensor, perm: Tensor | None) -> Tensor:
-    """x [B, H, S, D] reordered along S by perm [B, H, S] (plan position -> original token)."""
-    if perm is None:
-        return x
-    return torch.gather(x, 2, perm[..., None].expand(-1, -1, -1, x.shape[-1]))
 
 
 def reference_block_sparse_attention(
@@ -44,10 +38,10 @@ def reference_block_sparse_attention(
     """
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qp = _gather_seq(q, plan.q_perm).to(compute_dtype)
-    kp = _gather_seq(k, plan.k_perm).to(compute_dtype)
-    vp = _gather_seq(v, plan.k_perm).to(compute_dtype)
+    scale = softmax_scale(scale, D)
+    qp = to_plan_order(q, plan.q_perm).to(compute_dtype)
+    kp = to_plan_order(k, plan.k_perm).to(compute_dtype)
+    vp = to_plan_order(v, plan.k_perm).to(compute_dtype)
 
     bmask = plan.block_mask()  # [B, H, NQ, NK]
     k_range = token_to_range(plan.k_offsets, Sk)  # [B, H, Sk]
@@ -100,11 +94,7 @@ def reference_block_sparse_attention(
                 tm.scatter_reduce_(2, sel_range, s_rows, reduce="amax")
                 tile_max[:, :, i] = torch.maximum(tile_max[:, :, i], tm)
 
-    if plan.q_perm is None:
-        out, lse = out_p, lse_p
-    else:
-        out = torch.empty_like(out_p).scatter_(2, plan.q_perm[..., None].expand(-1, -1, -1, D), out_p)
-        lse = torch.empty_like(lse_p).scatter_(2, plan.q_perm, lse_p)
+    out, lse = to_token_order(out_p, plan.q_perm), to_token_order(lse_p, plan.q_perm)
     stats = None
     if tile_max is not None:
         stats = torch.gather(tile_max, 3, plan.kv_indices.long())

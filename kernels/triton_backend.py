@@ -26,6 +26,13 @@ import torch
 
 from dit_sparse.plan import BlockPlan
 
+from .backend_call import (
+    HALF_DTYPES,
+    checks_setting_first,
+    raise_if_unsupported,
+    softmax_scale,
+    to_plan_order,
+)
 from .dispatch import Backend, register_backend
 from .result import AttentionResult
 from .triton_kernel import LOG2E, block_sparse_fwd
@@ -39,7 +46,6 @@ except ImportError:  # pragma: no cover - older triton
 
 Tensor = torch.Tensor
 
-_GPU_DTYPES = (torch.float16, torch.bfloat16)
 _HEAD_DIMS = (64, 128)
 
 
@@ -85,16 +91,14 @@ def supports_setting(device: torch.device, dtype: torch.dtype | None) -> str | N
     """None if the Triton kernel can run on `device` in `dtype` (None: not known yet), else the reason."""
     if device.type != "cuda" and not INTERPRET:
         return "inputs are not on a CUDA device (set TRITON_INTERPRET=1 to run the kernel on CPU)"
-    if device.type == "cuda" and dtype is not None and dtype not in _GPU_DTYPES:
+    if device.type == "cuda" and dtype is not None and dtype not in HALF_DTYPES:
         return f"dtype {dtype} is not supported (use bfloat16 or float16)"
     return None
 
 
+@checks_setting_first(supports_setting)
 def supports(q: Tensor, plan: BlockPlan) -> str | None:
     """None if the Triton kernel can run these inputs, else the reason it cannot."""
-    reason = supports_setting(q.device, q.dtype)
-    if reason is not None:
-        return reason
     if q.shape[-1] not in _HEAD_DIMS:
         return f"head dim {q.shape[-1]} is not supported (64 or 128)"
     if plan.num_q_blocks == 0 or plan.num_k_blocks == 0:
@@ -138,11 +142,8 @@ def _launch(
     out = torch.empty_like(q)  # keeps the caller's layout (e.g. a [B, S, H, D] buffer seen as [B, H, S, D])
     if gather == "copy":
         # Physically permute first; the output is still scattered by the kernel's store.
-        if qperm is not None:
-            q = torch.gather(q, 2, plan.q_perm[..., None].expand(-1, -1, -1, D))
-        if kperm is not None:
-            idx = plan.k_perm[..., None].expand(-1, -1, -1, D)
-            k, v = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+        q = to_plan_order(q, plan.q_perm)
+        k, v = to_plan_order(k, plan.k_perm), to_plan_order(v, plan.k_perm)
         perm_q, perm_k = False, False
     else:
         perm_q, perm_k = qperm is not None, kperm is not None
@@ -257,16 +258,14 @@ def triton_block_sparse_attention(
     gather: str | None = None,
 ) -> AttentionResult:
     """Run `plan` with the Triton kernel (same contract as `reference_block_sparse_attention`)."""
-    reason = supports(q, plan)
-    if reason is not None:
-        raise ValueError(f"triton backend: {reason}")
+    raise_if_unsupported("triton", supports(q, plan))
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not _fits_int32(x):
             raise ValueError(f"{name} is too large for one (batch, head) slice with int32 offsets")
     gather = gather or DEFAULT_GATHER
     if gather not in ("kernel", "copy"):
         raise ValueError(f"gather must be 'kernel' or 'copy', got {gather!r}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = softmax_scale(scale, q.shape[-1])
     flags = (return_lse, return_tile_stats, gather)
     cfg = config or choose_config(q, plan)
     global LAST_CONFIG

@@ -8,12 +8,19 @@ call. Tile statistics are not available from FlexAttention.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from dit_sparse.plan import BlockPlan
 
+from .backend_call import (
+    checks_setting_first,
+    cuda_half_reason,
+    raise_if_tile_stats,
+    raise_if_unsupported,
+    softmax_scale,
+    to_plan_order,
+    to_token_order,
+)
 from .dispatch import Backend, register_backend
 from .result import AttentionResult
 
@@ -54,18 +61,12 @@ def flex_block_mask(plan: BlockPlan, seq_len_q: int, seq_len_k: int):
 
 def supports_setting(device: torch.device, dtype: torch.dtype | None) -> str | None:
     """None if FlexAttention can run on `device` in `dtype` (None: not known yet), else the reason."""
-    if device.type != "cuda":
-        return "FlexAttention backend needs CUDA tensors"
-    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {dtype} is not supported (bfloat16 or float16)"
-    return None
+    return cuda_half_reason(device, dtype, "FlexAttention backend needs CUDA tensors")
 
 
+@checks_setting_first(supports_setting)
 def supports(q: Tensor, plan: BlockPlan) -> str | None:
     """None if FlexAttention can run `plan` on these inputs, else the reason it cannot."""
-    reason = supports_setting(q.device, q.dtype)
-    if reason is not None:
-        return reason
     if plan.block_size is None:
         return "FlexAttention needs fixed-size blocks (plan.block_size is None)"
     if any(b % 128 for b in plan.block_size):
@@ -84,23 +85,15 @@ def flex_block_sparse_attention(
     block_mask=None,
 ) -> AttentionResult:
     """Run a fixed-block `plan` with FlexAttention (same contract as the reference, without tile stats)."""
-    reason = supports(q, plan)
-    if reason is not None:
-        raise ValueError(f"flex backend: {reason}")
-    if return_tile_stats:
-        raise ValueError("flex backend computes no tile statistics; use backend='triton'")
-    D = q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if plan.q_perm is not None:
-        q = torch.gather(q, 2, plan.q_perm[..., None].expand(-1, -1, -1, D))
-    if plan.k_perm is not None:
-        idx = plan.k_perm[..., None].expand(-1, -1, -1, D)
-        k, v = torch.gather(k, 2, idx), torch.gather(v, 2, idx)
+    raise_if_unsupported("flex", supports(q, plan))
+    raise_if_tile_stats("flex", return_tile_stats)
+    scale = softmax_scale(scale, q.shape[-1])
+    # FlexAttention reads tokens in order: permute physically around the call.
+    q = to_plan_order(q, plan.q_perm)
+    k, v = to_plan_order(k, plan.k_perm), to_plan_order(v, plan.k_perm)
     bm = block_mask if block_mask is not None else flex_block_mask(plan, q.shape[2], k.shape[2])
     out, lse = _flex()(q, k, v, block_mask=bm, scale=scale, return_lse=True)
-    if plan.q_perm is not None:
-        out = torch.empty_like(out).scatter_(2, plan.q_perm[..., None].expand(-1, -1, -1, D), out)
-        lse = torch.empty_like(lse).scatter_(2, plan.q_perm, lse)
+    out, lse = to_token_order(out, plan.q_perm), to_token_order(lse, plan.q_perm)
     return AttentionResult(out=out, lse=lse.float() if return_lse else None)
 
 

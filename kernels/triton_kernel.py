@@ -20,6 +20,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_chunk(
+    head, kidx, n_ok, s_row, s_col, offs_d, b, h, start,
+    MASKED: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """The BLOCK_N rows of one key chunk of K or V (the same load for both): rows `kidx` of the head's
+    pointer `head` (zero where `n_ok` is false when MASKED), or with TMA rows start..start+BLOCK_N of the
+    [B, H, S, D] tensor descriptor `head`. Inlined into the caller like any jit function."""
+    if TMA:
+        rows = head.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    elif MASKED:
+        rows = tl.load(head + kidx[:, None] * s_row + offs_d[None, :] * s_col, mask=n_ok[:, None], other=0.0)
+    else:
+        rows = tl.load(head + kidx[:, None] * s_row + offs_d[None, :] * s_col)
+    return rows
+
+
+@triton.jit
 def _chunk_step(
     q, acc, m_i, l_i, k_head, v_head, kidx, n_ok, sks, skd, svs, svd, offs_d, qk_scale, b, h, start,
     MASKED: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -29,12 +46,8 @@ def _chunk_step(
     With TMA, k_head / v_head are [B, H, S, D] tensor descriptors and the chunk is rows start..start+BLOCK_N
     (zero-filled past the sequence end; columns past a masked chunk's bound are masked below).
     """
-    if TMA:
-        k = k_head.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-    elif MASKED:
-        k = tl.load(k_head + kidx[:, None] * sks + offs_d[None, :] * skd, mask=n_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_head + kidx[:, None] * sks + offs_d[None, :] * skd)
+    k = _load_chunk(k_head, kidx, n_ok, sks, skd, offs_d, b, h, start,
+                    MASKED=MASKED, TMA=TMA, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM)
     if UPCAST:
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k))
@@ -46,12 +59,8 @@ def _chunk_step(
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if TMA:
-        v = v_head.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-    elif MASKED:
-        v = tl.load(v_head + kidx[:, None] * svs + offs_d[None, :] * svd, mask=n_ok[:, None], other=0.0)
-    else:
-        v = tl.load(v_head + kidx[:, None] * svs + offs_d[None, :] * svd)
+    v = _load_chunk(v_head, kidx, n_ok, svs, svd, offs_d, b, h, start,
+                    MASKED=MASKED, TMA=TMA, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM)
     if UPCAST:
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
     else:

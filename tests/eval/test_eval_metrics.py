@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from dit_sparse.eval import metrics
+from dit_sparse.eval.compare import compare_videos
 from dit_sparse.eval.metrics import (
     LPIPS_BACKBONE_FILES,
     Unavailable,
-    compare_videos,
     find_lpips_backbone,
     lpips_distance,
     psnr,

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from dit_sparse.eval.metrics import Unavailable
-from dit_sparse.eval.report import OutputDirError, _pareto_front, write_report
+from dit_sparse.eval.report import OutputDirError, write_report
+from dit_sparse.eval.report_figures import _pareto_front
 
 
 def _results(tmp_path, with_frames=True):
