@@ -253,7 +253,7 @@ def apply(
         A `SparseHandle`; `handle.remove()` or `dit_sparse.remove(target)` restores the originals.
     """
     from dit_sparse.kernels import check_backend
-    from dit_sparse.pipelines.adapters import get_adapter
+    from dit_sparse.pipelines.families import get_adapter
 
     denoisers = _denoisers_of(target)
     if any(getattr(m, _HANDLE_ATTR, None) is not None for _, m in denoisers):

@@ -3,11 +3,16 @@
 An adapter names the self-attention modules that get sparse processors, builds the processor for each
 one, and reads the token grid (frames x rows x cols) from the transformer's forward arguments. Where
 text tokens sit, where RoPE is applied and the head layout are documented per adapter in `ModelFacts`.
+
+Most families only declare what differs: `self_attention_paths` (which modules), `processor_class` or
+`processor_twins` (which processor), and, for transformers fed the unpatched 5D latent,
+`LatentVideoAdapter.patch_size` (the grid). The processors themselves build on `sparse_processor`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,21 +38,40 @@ class ModelFacts:
 
 
 class ModelAdapter:
-    """Base class; subclasses set `family`, `transformer_classes`, `facts` and implement the methods."""
+    """Base class; subclasses set `family`, `transformer_classes`, `facts`, say which modules and processors
+    (`self_attention_paths`, `processor_class` / `processor_twins`, or the methods themselves) and implement
+    `layout`."""
 
     family: ClassVar[str] = ""
     transformer_classes: ClassVar[tuple[str, ...]] = ()
     facts: ClassVar[ModelFacts]
     text_first: ClassVar[bool | None] = None  # None: no text in self-attention
     timestep_index: ClassVar[int] = 1  # position of `timestep` in the transformer's forward signature
+    # (block list, attention attribute) of the modules made sparse, e.g. ("blocks", "attn1"): every block of
+    # each list in turn, which fixes the layer indices.
+    self_attention_paths: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # The sparse processor that replaces whatever processor a module has...
+    processor_class: ClassVar[type | None] = None
+    # ...or, for families where only Diffusers' own processors are replaced: {Diffusers class: sparse class}.
+    # Exact classes: a subclass (or a user's processor) may change the maths, so it is kept, with a warning.
+    processor_twins: ClassVar[Mapping[type, type]] = {}
 
     def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
         """(name, module) of every attention module whose processor becomes sparse, in layer order."""
-        raise NotImplementedError
+        if not self.self_attention_paths:
+            raise NotImplementedError
+        for blocks, attention in self.self_attention_paths:
+            for i, block in enumerate(getattr(model, blocks)):
+                yield f"{blocks}.{i}.{attention}", getattr(block, attention)
 
     def make_processor(self, original: Any, core: Any, layer: int, name: str) -> Any:
         """A sparse processor that replaces `original` (same maths when the core runs dense)."""
-        raise NotImplementedError
+        if self.processor_class is not None:
+            return self.processor_class(core, layer, name, original)
+        if not self.processor_twins:
+            raise NotImplementedError
+        twin = self.processor_twins.get(type(original))
+        return twin(core, layer, name, original) if twin is not None else keep_processor(original, name)
 
     def timestep(self, args: tuple, kwargs: dict) -> Any:
         """The denoising timestep passed to the forward call (by keyword or position)."""
@@ -63,105 +87,54 @@ class ModelAdapter:
         return ()
 
 
-class SparseProcessorMixin:
-    """What every sparse processor carries: the shared core, its layer, and the user's settings.
+# `self_attention_paths` of MMDiTs with double-stream blocks followed by single-stream blocks (Flux, Flux.2,
+# HunyuanVideo): every double-stream block's attention first.
+DOUBLE_AND_SINGLE_STREAM = (("transformer_blocks", "attn"), ("single_transformer_blocks", "attn"))
 
-    Mixed into subclasses of Diffusers' own processors; `_bind` keeps the attention backend and the
-    context-parallel config of the processor it replaces.
-    """
 
-    def _bind(self, core: Any, layer: int, name: str, original: Any = None) -> None:
-        from dit_sparse.compiled import register_layer
+class LatentVideoAdapter(ModelAdapter):
+    """An adapter for transformers whose `hidden_states` is the unpatched 5D video latent."""
 
-        self.core = core
-        self.layer = layer
-        self.name = name
-        self._layer_index = register_layer(core, layer, name)  # the layer as compiled code sees it
-        if original is not None:
-            for attr in ("_attention_backend", "_parallel_config"):
-                if hasattr(original, attr):
-                    setattr(self, attr, getattr(original, attr))
+    frames_dim: ClassVar[int] = 2  # [B, C, F, H, W]; CogVideoX passes [B, F, C, H, W]
 
-    def _dense_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None) -> Callable[[], torch.Tensor]:
-        """The exact attention call of Diffusers' dispatching processors, deferred."""
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
+    def patch_size(self, model: torch.nn.Module) -> tuple[int, int, int]:
+        """(frames, rows, cols) of one patch; by default the config's `patch_size` triple."""
+        return model.config.patch_size
 
-        return lambda: dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-            backend=self._attention_backend, parallel_config=self._parallel_config,
-        )
+    def layout(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout | None:
+        """Grid of the 5D latent divided by the patch size; tokens are frame-major."""
+        x = arg(args, kwargs, "hidden_states", 0)
+        if x is None or x.dim() != 5:
+            return None
+        pt, ph, pw = self.patch_size(model)
+        f, h, w = x.shape[self.frames_dim], x.shape[3], x.shape[4]
+        return VideoLayout(f // pt, h // ph, w // pw)
 
-    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, text_first: bool | None = None) -> torch.Tensor:
-        """[B, S, H, D] attention through the sparse core, dense falling back to the model's own call.
 
-        Under torch.compile the core runs behind one custom op (`dit_sparse.compiled`), except at
-        sparsity 0 (the model's own call, compiled as Diffusers would) and under context parallelism
-        (not supported by the op: the call graph-breaks into the core).
-        """
-        if torch.compiler.is_compiling() and self._parallel_config is None:
-            if self.core.config.is_dense:
-                return self._dense_attention(query, key, value, attention_mask)()
-            backend = getattr(self._attention_backend, "value", self._attention_backend) or ""
-            return torch.ops.dit_sparse.attend(query, key, value, self._layer_index, id(self.core), attention_mask,
-                                               -1 if text_first is None else int(text_first), backend)
-        return self.core.attend(
-            query, key, value, layer=self.layer, layer_name=self.name,
-            dense_fn=self._dense_attention(query, key, value, attention_mask), text_first=text_first,
-            attention_mask=attention_mask, parallel_config=self._parallel_config,
-        )
+def keep_processor(original: Any, name: str) -> Any:
+    """`original` itself, with a warning: a processor dit-sparse does not replace, so the layer stays dense."""
+    # stacklevel 4: past this function, the adapter's make_processor and dit_sparse.apply, to the caller.
+    warnings.warn(
+        f"dit-sparse: {name} uses {type(original).__name__}, which dit-sparse does not replace; "
+        "that layer stays dense",
+        stacklevel=4,
+    )
+    return original
 
 
 _ADAPTERS: list[type[ModelAdapter]] = []
 
 
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make `cls` one of the adapters `get_adapter` chooses from."""
     _ADAPTERS.append(cls)
     return cls
 
 
-def _load_builtin_adapters() -> None:
-    from . import wan  # noqa: F401
-
-    for mod in ("hunyuan_video", "cogvideox", "ltx_video", "flux", "qwen_image", "flux2", "hunyuan_video15",
-                "mochi", "cosmos", "skyreels_v2", "wan_animate", "chronoedit", "ltx2"):
-        try:
-            __import__(f"dit_sparse.pipelines.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"dit_sparse.pipelines.{mod}":
-                raise
-
-
-def supported_models() -> list[str]:
-    """Transformer class names that dit-sparse supports."""
-    _load_builtin_adapters()
-    return [name for cls in _ADAPTERS for name in cls.transformer_classes]
-
-
-def get_adapter(model: torch.nn.Module) -> ModelAdapter:
-    """The adapter for `model`'s class, or UnsupportedModelError naming the supported ones."""
-    _load_builtin_adapters()
-    name = type(model).__name__
-    for cls in _ADAPTERS:
-        if name in cls.transformer_classes:
-            return cls()
-    raise UnsupportedModelError(
-        f"dit-sparse does not support {name}; supported transformers: {', '.join(supported_models())}"
-    )
-
-
-def text_qkv(attn: Any, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The text tokens' query, key and value of a joint-attention block ([B, T, H, D]): Diffusers' added
-    projections (`add_q_proj`, ...), split into heads, with the added q/k norms where the block has them."""
-    q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-    k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-    v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-    if attn.norm_added_q is not None:
-        q = attn.norm_added_q(q)
-    if attn.norm_added_k is not None:
-        k = attn.norm_added_k(k)
-    return q, k, v
+def registered_adapters() -> list[type[ModelAdapter]]:
+    """Every registered adapter class, in registration order (the built-ins once
+    `dit_sparse.pipelines.families` is imported)."""
+    return list(_ADAPTERS)
 
 
 def arg(args: tuple, kwargs: dict, name: str, index: int) -> Any:

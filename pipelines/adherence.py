@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .video_data import AXIS_TRAVEL, COLOUR_NAMES, COLOURS, ClipTruth, ObjectTruth, path_vector
+from .clip_motion import AXIS_TRAVEL, path_vector
+from .clip_spec import COLOUR_NAMES, COLOURS, ClipTruth, ObjectTruth
 
 PALETTE_HUES = torch.tensor([colorsys.rgb_to_hsv(*COLOURS[c])[0] * 360.0 for c in COLOUR_NAMES])
 HUE_TOLERANCE = 25.0  # degrees; palette hues are >= 50 degrees apart

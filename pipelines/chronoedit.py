@@ -26,6 +26,4 @@ class ChronoEditAdapter(WanAdapter):
              "frames sit far apart in RoPE time",
         heads="(B, S, H, D) after unflatten; dispatched through dispatch_attention_fn",
     )
-
-    def make_processor(self, original, core, layer: int, name: str):
-        return ChronoEditSparseAttnProcessor(core, layer, name, original)
+    processor_class = ChronoEditSparseAttnProcessor

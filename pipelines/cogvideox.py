@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
-from dit_sparse.layout import VideoLayout
-
-from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
+from .adapters import LatentVideoAdapter, ModelFacts, register_adapter
+from .sparse_processor import SparseProcessorMixin, head_mask, project_out
 
 
 def mask_for_core(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -32,20 +29,22 @@ class CogVideoXSparseAttnProcessor(SparseProcessorMixin, CogVideoXAttnProcessor2
     no attention backend to carry over); the core gets [B, S, H, D] views of the same tensors.
     """
 
+    keeps_dispatch_settings = False
+
     def __init__(self, core, layer: int, name: str, original=None) -> None:
-        super().__init__()
-        self._bind(core, layer, name)
+        super().__init__(core, layer, name, original)
         self.fused = isinstance(original, FusedCogVideoXAttnProcessor2_0)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         text_len = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        # The fused Diffusers processor reads the batch size from the text, the plain one from the joint input.
-        batch_size, sequence_length, _ = (encoder_hidden_states if self.fused else hidden_states).shape
+        # The fused Diffusers processor reads the batch size (and the mask's target length) from the text, the
+        # plain one from the joint input.
+        sizes_from = encoder_hidden_states if self.fused else hidden_states
+        batch_size = sizes_from.shape[0]
 
         if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            attention_mask = head_mask(attn, attention_mask, sizes_from)
 
         if self.fused:
             query, key, value = torch.split(attn.to_qkv(hidden_states), attn.to_qkv.out_features // 3, dim=-1)
@@ -79,15 +78,13 @@ class CogVideoXSparseAttnProcessor(SparseProcessorMixin, CogVideoXAttnProcessor2
             layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=True,
             attention_mask=mask_for_core(attention_mask),
         )
-        out = out.reshape(batch_size, -1, attn.heads * head_dim)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
+        out = project_out(attn, out.reshape(batch_size, -1, attn.heads * head_dim))
         encoder_out, out = out.split([text_len, out.size(1) - text_len], dim=1)
         return out, encoder_out
 
 
 @register_adapter
-class CogVideoXAdapter(ModelAdapter):
+class CogVideoXAdapter(LatentVideoAdapter):
     family = "cogvideox"
     timestep_index = 2  # forward(hidden_states, ..., timestep, ...)
     transformer_classes = ("CogVideoXTransformer3DModel",)
@@ -99,19 +96,11 @@ class CogVideoXAdapter(ModelAdapter):
         heads="(B, H, S, D) straight into F.scaled_dot_product_attention (no dispatcher); the core gets views",
     )
     text_first = True
+    self_attention_paths = (("transformer_blocks", "attn1"),)
+    processor_class = CogVideoXSparseAttnProcessor
+    frames_dim = 1  # hidden_states [B, F, C, H, W]
 
-    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        for i, block in enumerate(model.transformer_blocks):
-            yield f"transformer_blocks.{i}.attn1", block.attn1
-
-    def make_processor(self, original, core, layer: int, name: str):
-        return CogVideoXSparseAttnProcessor(core, layer, name, original)
-
-    def layout(self, model, args, kwargs) -> VideoLayout | None:
-        x = arg(args, kwargs, "hidden_states", 0)  # [B, F, C, H, W]
-        if x is None or x.dim() != 5:
-            return None
+    def patch_size(self, model: torch.nn.Module) -> tuple[int, int, int]:
+        """CogVideoX 1.0 has no temporal patching (`patch_size_t` None), 1.5 patches frames too."""
         p = model.config.patch_size
-        pt = model.config.patch_size_t or 1
-        _, f, _, h, w = x.shape
-        return VideoLayout(f // pt, h // p, w // p)
+        return model.config.patch_size_t or 1, p, p

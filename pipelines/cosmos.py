@@ -6,16 +6,13 @@ by cross-attention in `attn2`, which keeps its processor.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_cosmos import CosmosAttnProcessor2_0
 
-from dit_sparse.layout import VideoLayout
-
-from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
+from .adapters import LatentVideoAdapter, ModelFacts, register_adapter
+from .sparse_processor import RotaryEmb, SparseProcessorMixin, Tensor, project_out
 
 
 class CosmosSparseAttnProcessor(SparseProcessorMixin, CosmosAttnProcessor2_0):
@@ -25,21 +22,12 @@ class CosmosSparseAttnProcessor(SparseProcessorMixin, CosmosAttnProcessor2_0):
     the dense fallback makes that same call rather than the mixin's.
     """
 
+    keeps_dispatch_settings = False
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, core, layer: int, name: str, original: CosmosAttnProcessor2_0 | None = None) -> None:
-        super().__init__()
-        self._bind(core, layer, name)
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, image_rotary_emb: RotaryEmb | None = None) -> Tensor:
         if encoder_hidden_states is not None:  # never reached for attn1; keeps the class a drop-in
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         # Diffusers normalises and rotates in (B, H, S, D); the core gets (B, S, H, D) views.
@@ -62,13 +50,11 @@ class CosmosSparseAttnProcessor(SparseProcessorMixin, CosmosAttnProcessor2_0):
 
         out = self.core.attend(query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense,
                                attention_mask=attention_mask)
-        out = out.flatten(2, 3).type_as(query)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        return project_out(attn, out.flatten(2, 3).type_as(query))
 
 
 @register_adapter
-class CosmosAdapter(ModelAdapter):
+class CosmosAdapter(LatentVideoAdapter):
     family = "cosmos"
     transformer_classes = ("CosmosTransformer3DModel",)
     facts = ModelFacts(
@@ -79,18 +65,5 @@ class CosmosAdapter(ModelAdapter):
         heads="(B, H, S, D) for norm and RoPE, then (B, S, H, D) into dispatch_attention_fn (default backend)",
     )
     text_first = None
-
-    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        for i, block in enumerate(model.transformer_blocks):
-            yield f"transformer_blocks.{i}.attn1", block.attn1
-
-    def make_processor(self, original, core, layer: int, name: str):
-        return CosmosSparseAttnProcessor(core, layer, name, original)
-
-    def layout(self, model, args, kwargs) -> VideoLayout | None:
-        x = arg(args, kwargs, "hidden_states", 0)  # [B, C, F, H, W]
-        if x is None or x.dim() != 5:
-            return None
-        pt, ph, pw = model.config.patch_size
-        _, _, f, h, w = x.shape
-        return VideoLayout(f // pt, h // ph, w // pw)
+    self_attention_paths = (("transformer_blocks", "attn1"),)
+    processor_class = CosmosSparseAttnProcessor

@@ -55,7 +55,8 @@ def _prompt_set(ns: argparse.Namespace) -> tuple[list[str], list[Any] | None]:
         from .generate import DEFAULT_PROMPT
 
         return [DEFAULT_PROMPT], None
-    from .video_data import clip_truths, heldout_specs, spec_prompts
+    from .clip_prompts import spec_prompts
+    from .video_data import clip_truths, heldout_specs
 
     specs = heldout_specs()
     n = min(ns.prompts, len(spec_prompts(specs)))

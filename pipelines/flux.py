@@ -7,9 +7,6 @@ blocks first. Flux is an image model: the grid is 1 x rows x cols.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
@@ -17,7 +14,15 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import root_split_factor
 
-from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
+from .adapters import (
+    DOUBLE_AND_SINGLE_STREAM,
+    ModelAdapter,
+    ModelFacts,
+    arg,
+    keep_processor,
+    register_adapter,
+)
+from .sparse_processor import SparseProcessorMixin
 
 
 def joint_qkv(attn, projections: tuple, image_rotary_emb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,10 +49,6 @@ def joint_qkv(attn, projections: tuple, image_rotary_emb) -> tuple[torch.Tensor,
 
 class FluxSparseAttnProcessor(SparseProcessorMixin, FluxAttnProcessor):
     """Diffusers' Flux processor with the joint attention routed through the sparse core."""
-
-    def __init__(self, core, layer: int, name: str, original: FluxAttnProcessor | None = None) -> None:
-        super().__init__()
-        self._bind(core, layer, name, original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         # RoPE over the whole joint sequence (text ids are zeros), after the concatenation.
@@ -85,14 +86,6 @@ def _image_grid(img_ids: torch.Tensor | None, image_tokens: int) -> tuple[int, i
     return (side, side) if side * side == image_tokens else None
 
 
-def double_and_single_stream(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-    """(name, attention) of every double-stream block, then every single-stream block (Flux, Flux.2)."""
-    for i, block in enumerate(model.transformer_blocks):
-        yield f"transformer_blocks.{i}.attn", block.attn
-    for i, block in enumerate(model.single_transformer_blocks):
-        yield f"single_transformer_blocks.{i}.attn", block.attn
-
-
 @register_adapter
 class FluxAdapter(ModelAdapter):
     family = "flux"
@@ -106,20 +99,14 @@ class FluxAdapter(ModelAdapter):
         heads="(B, S, H, D) after unflatten by head_dim; dispatched through dispatch_attention_fn",
     )
     text_first = True
-
-    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        return double_and_single_stream(model)
+    self_attention_paths = DOUBLE_AND_SINGLE_STREAM
+    processor_class = FluxSparseAttnProcessor
 
     def make_processor(self, original, core, layer: int, name: str):
         if not isinstance(original, FluxAttnProcessor):
             # e.g. the IP-Adapter processor, which owns weights and adds image-prompt attention: keep it.
-            warnings.warn(
-                f"dit-sparse: {name} uses {type(original).__name__}, which dit-sparse does not replace; "
-                "that layer stays dense",
-                stacklevel=3,
-            )
-            return original
-        return FluxSparseAttnProcessor(core, layer, name, original)
+            return keep_processor(original, name)
+        return super().make_processor(original, core, layer, name)
 
     def layout(self, model, args, kwargs) -> VideoLayout | None:
         x = arg(args, kwargs, "hidden_states", 0)  # packed latents [B, S, C]

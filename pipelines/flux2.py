@@ -11,9 +11,6 @@ are kept as they are, with a warning: their key set differs from their query set
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import (
@@ -25,25 +22,17 @@ from diffusers.models.transformers.transformer_flux2 import (
 from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import root_split_factor
 
-from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
-from .flux import _image_grid, double_and_single_stream, joint_qkv
+from .adapters import DOUBLE_AND_SINGLE_STREAM, ModelAdapter, ModelFacts, arg, register_adapter
+from .flux import _image_grid, joint_qkv
+from .sparse_processor import RotaryEmb, SparseProcessorMixin, Tensor, project_out
 
 
 class Flux2SparseAttnProcessor(SparseProcessorMixin, Flux2AttnProcessor):
     """Diffusers' Flux.2 double-stream processor with the joint attention routed through the sparse core."""
 
-    def __init__(self, core, layer: int, name: str, original: Flux2AttnProcessor | None = None) -> None:
-        super().__init__()
-        self._bind(core, layer, name, original)
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None,
+                 image_rotary_emb: RotaryEmb | None = None) -> Tensor | tuple[Tensor, Tensor]:
         # RoPE over the whole joint sequence (text ids first, 4 axes), after the concatenation.
         query, key, value = joint_qkv(attn, _get_qkv_projections(attn, hidden_states, encoder_hidden_states),
                                       image_rotary_emb)
@@ -54,8 +43,7 @@ class Flux2SparseAttnProcessor(SparseProcessorMixin, Flux2AttnProcessor):
             text_len = encoder_hidden_states.shape[1]
             encoder_out, out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
             encoder_out = attn.to_add_out(encoder_out)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
+        out = project_out(attn, out)
         if encoder_hidden_states is not None:
             return out, encoder_out
         return out
@@ -64,17 +52,8 @@ class Flux2SparseAttnProcessor(SparseProcessorMixin, Flux2AttnProcessor):
 class Flux2SparseParallelSelfAttnProcessor(SparseProcessorMixin, Flux2ParallelSelfAttnProcessor):
     """Diffusers' Flux.2 single-stream (attention + MLP in parallel) processor, attention through the core."""
 
-    def __init__(self, core, layer: int, name: str, original: Flux2ParallelSelfAttnProcessor | None = None) -> None:
-        super().__init__()
-        self._bind(core, layer, name, original)
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    def __call__(self, attn, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                 image_rotary_emb: RotaryEmb | None = None) -> Tensor:
         hidden_states = attn.to_qkv_mlp_proj(hidden_states)
         # Split QKV from the MLP input by their global ratio, as Diffusers does (valid on tensor-parallel shards).
         qkv_dim = 3 * attn.inner_dim
@@ -110,23 +89,12 @@ class Flux2Adapter(ModelAdapter):
         heads="(B, S, H, D) after unflatten by head_dim; dispatched through dispatch_attention_fn",
     )
     text_first = True
-
-    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        return double_and_single_stream(model)
-
-    def make_processor(self, original, core, layer: int, name: str):
-        # Exact type checks: the KV-cache processors are not subclasses, but a future subclass of the plain
-        # processors could change the maths just as well.
-        if type(original) is Flux2AttnProcessor:
-            return Flux2SparseAttnProcessor(core, layer, name, original)
-        if type(original) is Flux2ParallelSelfAttnProcessor:
-            return Flux2SparseParallelSelfAttnProcessor(core, layer, name, original)
-        warnings.warn(
-            f"dit-sparse: {name} uses {type(original).__name__}, which dit-sparse does not replace; "
-            "that layer stays dense",
-            stacklevel=3,
-        )
-        return original
+    self_attention_paths = DOUBLE_AND_SINGLE_STREAM
+    # The KV-cache processors of the Klein KV pipeline are not subclasses of these, and are kept.
+    processor_twins = {
+        Flux2AttnProcessor: Flux2SparseAttnProcessor,
+        Flux2ParallelSelfAttnProcessor: Flux2SparseParallelSelfAttnProcessor,
+    }
 
     def layout(self, model, args, kwargs) -> VideoLayout | None:
         x = arg(args, kwargs, "hidden_states", 0)  # packed latents [B, S, C]

@@ -14,44 +14,32 @@ key masked for them). Otherwise the mask goes to the core, which runs dense with
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 
-from dit_sparse.layout import VideoLayout
-
-from .adapters import ModelAdapter, ModelFacts, arg, register_adapter, text_qkv
-from .hunyuan_video import KeyPaddingTrim, PaddedTextSparseProcessor
+from .adapters import ModelFacts, register_adapter
+from .hunyuan_video import HunyuanVideoAdapter
+from .padded_text import PaddedTextSparseProcessor
+from .sparse_processor import RotaryEmb, Tensor, video_qkv, with_text_last
 
 
 class HunyuanVideo15SparseAttnProcessor(PaddedTextSparseProcessor, HunyuanVideo15AttnProcessor2_0):
     """Diffusers' HunyuanVideo 1.5 processor with the joint attention routed through the sparse core."""
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None,
+                 image_rotary_emb: RotaryEmb | None = None) -> tuple[Tensor, Tensor | None]:
         if encoder_hidden_states is None or attention_mask is None:  # never made by the blocks we replace
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))
-        key = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        query, key, value = video_qkv(attn, hidden_states)
         # RoPE on the video tokens only, before the text is appended.
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        encoder_query, encoder_key, encoder_value = text_qkv(attn, encoder_hidden_states)
-        query = torch.cat([query, encoder_query], dim=1)
-        key = torch.cat([key, encoder_key], dim=1)
-        value = torch.cat([value, encoder_value], dim=1)
+        query, key, value = with_text_last(attn, (query, key, value), encoder_hidden_states)
 
         out = self._attend_joint(query, key, value, attention_mask)
         return self._text_last_outputs(attn, out.flatten(2, 3).to(query.dtype), encoder_hidden_states.shape[1])
@@ -65,27 +53,20 @@ class HunyuanVideo15SparseAttnProcessor(PaddedTextSparseProcessor, HunyuanVideo1
         mask = rows & rows.transpose(2, 3)
         dense = self._dense_attention(query, key, value, mask)
 
-        valid = None
-        # Under context parallelism each rank holds a shard, so the padded tail cannot be cut off here.
-        if self._parallel_config is None and not self.core.config.is_dense:
-            valid = self.trim.valid_length(text_mask.bool() if text_mask.dtype != torch.bool else text_mask,
-                                           text_len)
+        valid = self._valid_length(text_mask.bool() if text_mask.dtype != torch.bool else text_mask, text_len)
         if valid is None:
-            return self.core.attend(
-                query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=False,
-                attention_mask=mask, parallel_config=self._parallel_config,
-            )
+            return self._attend_core(query, key, value, dense, text_first=False, mask=mask)
         keep = seq_len - text_len + valid
         if keep == seq_len:  # nothing padded
-            return self.core.attend(
-                query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=False,
-            )
+            return self._attend_core(query, key, value, dense, text_first=False)
         # Padded queries: Diffusers' masked call restricted to their rows (every key is masked for them).
         return self._attend_text_last_prefix(query, key, value, keep, dense, tail_mask=mask[:, :, keep:])
 
 
 @register_adapter
-class HunyuanVideo15Adapter(ModelAdapter):
+class HunyuanVideo15Adapter(HunyuanVideoAdapter):
+    """HunyuanVideo's latent patching and [video, text] joint attention, in dual-stream blocks only."""
+
     family = "hunyuan_video15"
     transformer_classes = ("HunyuanVideo15Transformer3DModel",)
     facts = ModelFacts(
@@ -95,22 +76,5 @@ class HunyuanVideo15Adapter(ModelAdapter):
         rope="3D RoPE inside the processor after the head split and q/k RMSNorm, on video tokens only",
         heads="(B, S, H, D) after unflatten; dispatched through dispatch_attention_fn",
     )
-    text_first = False
-
-    def __init__(self) -> None:
-        self._trim = KeyPaddingTrim()  # one mask analysis per forward, shared by every layer
-
-    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        for i, block in enumerate(model.transformer_blocks):
-            yield f"transformer_blocks.{i}.attn", block.attn
-
-    def make_processor(self, original, core, layer: int, name: str):
-        return HunyuanVideo15SparseAttnProcessor(core, layer, name, original, self._trim)
-
-    def layout(self, model, args, kwargs) -> VideoLayout | None:
-        x = arg(args, kwargs, "hidden_states", 0)  # [B, C, F, H, W]
-        if x is None or x.dim() != 5:
-            return None
-        p, pt = model.config.patch_size, model.config.patch_size_t
-        _, _, f, h, w = x.shape
-        return VideoLayout(f // pt, h // p, w // p)
+    self_attention_paths = (("transformer_blocks", "attn"),)
+    processor_class = HunyuanVideo15SparseAttnProcessor

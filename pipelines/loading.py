@@ -196,7 +196,7 @@ def _pipeline_class_of(model: str) -> type | None:
 def _load_diffusers(model: str, device: torch.device, dtype: torch.dtype | None) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
-    from .adapters import get_adapter
+    from .families import get_adapter
 
     # Checked before the weights load: a pipeline that needs an image or a video would only fail at the call.
     cls = _pipeline_class_of(model)

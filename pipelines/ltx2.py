@@ -18,10 +18,7 @@ are blended with the values exactly as Diffusers does.
 
 from __future__ import annotations
 
-import warnings
 import weakref
-from collections.abc import Iterator
-from typing import Any
 
 import torch
 from diffusers.models.transformers.transformer_ltx2 import (
@@ -34,10 +31,8 @@ from diffusers.models.transformers.transformer_ltx2 import (
 from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import root_split_factor
 
-from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
-
-Tensor = torch.Tensor
-RotaryEmb = tuple[Tensor, Tensor]
+from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
+from .sparse_processor import RotaryEmb, SparseProcessorMixin, Tensor, head_mask, project_out, split_heads
 
 # Positions of the forward arguments the adapter reads, in LTX2VideoTransformer3DModel.forward's signature.
 _TIMESTEP_INDEX = 4
@@ -52,10 +47,6 @@ class _LTX2SparseSelfAttention(SparseProcessorMixin):
     class each, and `super().__call__` must reach that class for the calls that stay dense.
     """
 
-    def __init__(self, core: Any, layer: int, name: str, original: Any = None) -> None:
-        super().__init__()
-        self._bind(core, layer, name, original)
-
     def _self_attention(
         self,
         attn: torch.nn.Module,
@@ -66,10 +57,8 @@ class _LTX2SparseSelfAttention(SparseProcessorMixin):
         perturbation_mask: Tensor | None = None,
     ) -> Tensor:
         """Diffusers' maths step by step (same ops, same order), so a dense core gives bitwise equal outputs."""
-        batch_size, sequence_length, _ = hidden_states.shape
         if attention_mask is not None:  # IC-LoRA's video_self_attention_mask, as an additive bias
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            attention_mask = head_mask(attn, attention_mask, hidden_states)
 
         # Per-head output gates (gated attention) are computed from the block's input, not the attention output.
         gate_logits = attn.to_gate_logits(hidden_states) if attn.to_gate_logits is not None else None
@@ -87,9 +76,7 @@ class _LTX2SparseSelfAttention(SparseProcessorMixin):
             elif attn.rope_type == "split":
                 query = apply_split_rotary_emb(query, query_rotary_emb)
                 key = apply_split_rotary_emb(key, key_emb)
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value_heads = value.unflatten(2, (attn.heads, -1))
+        query, key, value_heads = split_heads(attn, query, key, value)
 
         out = self._attend(query, key, value_heads, attention_mask)
         out = out.flatten(2, 3).to(query.dtype)
@@ -100,22 +87,15 @@ class _LTX2SparseSelfAttention(SparseProcessorMixin):
             # 2 * sigmoid: zero-initialised gate logits leave the output unchanged.
             gates = 2.0 * torch.sigmoid(gate_logits)  # [B, S, H]
             out = (out.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        return project_out(attn, out)
 
 
 class LTX2SparseAttnProcessor(_LTX2SparseSelfAttention, LTX2AudioVideoAttnProcessor):
     """Diffusers' LTX-2 processor with the video self-attention call routed through the sparse core."""
 
-    def __call__(
-        self,
-        attn: torch.nn.Module,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        query_rotary_emb: RotaryEmb | None = None,
-        key_rotary_emb: RotaryEmb | None = None,
-    ) -> Tensor:
+    def __call__(self, attn: torch.nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, query_rotary_emb: RotaryEmb | None = None,
+                 key_rotary_emb: RotaryEmb | None = None) -> Tensor:
         """Self-attention (no `encoder_hidden_states`) through the sparse core; anything else as Diffusers."""
         if encoder_hidden_states is not None:  # never reached for attn1; keeps the class a drop-in
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb,
@@ -130,17 +110,10 @@ class LTX2SparsePerturbedAttnProcessor(_LTX2SparseSelfAttention, LTX2PerturbedAt
     so this signature must keep `perturbation_mask` and `all_perturbed`.
     """
 
-    def __call__(
-        self,
-        attn: torch.nn.Module,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        query_rotary_emb: RotaryEmb | None = None,
-        key_rotary_emb: RotaryEmb | None = None,
-        perturbation_mask: Tensor | None = None,
-        all_perturbed: bool | Tensor | None = None,
-    ) -> Tensor:
+    def __call__(self, attn: torch.nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, query_rotary_emb: RotaryEmb | None = None,
+                 key_rotary_emb: RotaryEmb | None = None, perturbation_mask: Tensor | None = None,
+                 all_perturbed: bool | Tensor | None = None) -> Tensor:
         """Self-attention through the sparse core unless STG perturbs every row; anything else as Diffusers."""
         if all_perturbed is None:
             all_perturbed = torch.all(perturbation_mask == 0) if perturbation_mask is not None else False
@@ -200,30 +173,18 @@ class LTX2Adapter(ModelAdapter):
         "gates (gated attention) and STG value blending applied after the attention call",
     )
     text_first = None
+    # The video self-attention `attn1` of every block; the audio and cross-attention modules are left out.
+    self_attention_paths = (("transformer_blocks", "attn1"),)
+    # The sparse twins of Diffusers' plain and STG processors; any other processor is kept (with a warning).
+    processor_twins = {
+        LTX2AudioVideoAttnProcessor: LTX2SparseAttnProcessor,
+        LTX2PerturbedAttnProcessor: LTX2SparsePerturbedAttnProcessor,
+    }
 
     def __init__(self) -> None:
         # (weak ref to a video_coords tensor, its version, its grid): pipelines reuse one coords tensor for
         # every step, so the host copy in `_frame_major_grid` happens once per generation, not per forward.
         self._coords_verdict: tuple[weakref.ref, int, tuple[int, int, int] | None] | None = None
-
-    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        """The video self-attention `attn1` of every block; the audio and cross-attention modules are left out."""
-        for i, block in enumerate(model.transformer_blocks):
-            yield f"transformer_blocks.{i}.attn1", block.attn1
-
-    def make_processor(self, original: Any, core: Any, layer: int, name: str) -> Any:
-        """The sparse twin of Diffusers' plain or STG processor; any other processor is kept (with a warning)."""
-        # Exact type checks: a subclass (or a user's processor) may change the maths, so it is kept as it is.
-        if type(original) is LTX2AudioVideoAttnProcessor:
-            return LTX2SparseAttnProcessor(core, layer, name, original)
-        if type(original) is LTX2PerturbedAttnProcessor:
-            return LTX2SparsePerturbedAttnProcessor(core, layer, name, original)
-        warnings.warn(
-            f"dit-sparse: {name} uses {type(original).__name__}, which dit-sparse does not replace; "
-            "that layer stays dense",
-            stacklevel=3,
-        )
-        return original
 
     def layout(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> VideoLayout | None:
         """Grid of the packed video tokens [B, S, C] (frame-major, as the pipelines' `_pack_latents` flattens).

@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import torch
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 
 from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import root_split_factor
 
-from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
+from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
+from .sparse_processor import SparseProcessorMixin, head_mask, project_out, split_heads
 
 
 class LTXVideoSparseAttnProcessor(SparseProcessorMixin, LTXVideoAttnProcessor):
     """Diffusers' LTX-Video processor with the self-attention call routed through the sparse core."""
 
-    def __init__(self, core, layer: int, name: str, original: LTXVideoAttnProcessor | None = None) -> None:
-        super().__init__()
-        self._bind(core, layer, name, original)
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is not None:  # never reached for attn1; keeps the class a drop-in
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        batch_size, sequence_length, _ = hidden_states.shape
         if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            attention_mask = head_mask(attn, attention_mask, hidden_states)
 
         # LTX normalises across heads and applies RoPE before the head split.
         query = attn.norm_q(attn.to_q(hidden_states))
@@ -35,14 +27,10 @@ class LTXVideoSparseAttnProcessor(SparseProcessorMixin, LTXVideoAttnProcessor):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
+        query, key, value = split_heads(attn, query, key, value)
 
         out = self._attend(query, key, value, attention_mask)
-        out = out.flatten(2, 3).to(query.dtype)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        return project_out(attn, out.flatten(2, 3).to(query.dtype))
 
 
 @register_adapter
@@ -57,13 +45,8 @@ class LTXVideoAdapter(ModelAdapter):
         heads="(B, S, H, D) after unflatten; dispatched through dispatch_attention_fn",
     )
     text_first = None
-
-    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        for i, block in enumerate(model.transformer_blocks):
-            yield f"transformer_blocks.{i}.attn1", block.attn1
-
-    def make_processor(self, original, core, layer: int, name: str):
-        return LTXVideoSparseAttnProcessor(core, layer, name, original)
+    self_attention_paths = (("transformer_blocks", "attn1"),)
+    processor_class = LTXVideoSparseAttnProcessor
 
     def layout(self, model, args, kwargs) -> VideoLayout | None:
         """Grid from the `num_frames`/`height`/`width` kwargs (latent sizes; LTX ships with patch 1x1x1).

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
-from dit_sparse.layout import VideoLayout
-
-from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter, text_qkv
+from .adapters import LatentVideoAdapter, ModelFacts, register_adapter
+from .sparse_processor import QKV, RotaryEmb, SparseProcessorMixin, Tensor, project_out, text_qkv, video_qkv
 
 
 def _rope_interleaved(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -37,27 +36,13 @@ class MochiSparseAttnProcessor(SparseProcessorMixin, MochiAttnProcessor2_0):
     to carry over); the dense fallback makes the same call.
     """
 
-    def __init__(self, core, layer: int, name: str, original: MochiAttnProcessor2_0 | None = None) -> None:
-        super().__init__()
-        self._bind(core, layer, name)
+    keeps_dispatch_settings = False
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor, attention_mask: Tensor,
+                 image_rotary_emb: RotaryEmb | None = None) -> tuple[Tensor, Tensor]:
         if self.core.config.is_dense:  # sparsity 0: Diffusers' own call, bit for bit
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = video_qkv(attn, hidden_states)
         encoder_query, encoder_key, encoder_value = text_qkv(attn, encoder_hidden_states)
         # RoPE on the video tokens only.
         if image_rotary_emb is not None:
@@ -70,31 +55,30 @@ class MochiSparseAttnProcessor(SparseProcessorMixin, MochiAttnProcessor2_0):
         )
         out = out.flatten(2, 3)
         out, encoder_out = out.split_with_sizes((video_len, text_len), dim=1)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
+        out = project_out(attn, out)
         if hasattr(attn, "to_add_out"):
             encoder_out = attn.to_add_out(encoder_out)
         return out, encoder_out
 
-    def _attend_per_prompt_length(self, video_qkv, text_qkv, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _attend_per_prompt_length(self, video: QKV, text: QKV, attention_mask: Tensor) -> Tensor:
         """[B, video + text, H, D]: each sample's [video, valid text] attention, zero-padded at the end."""
-        batch_size = video_qkv[0].shape[0]
-        total = video_qkv[0].shape[1] + text_qkv[0].shape[1]
+        batch_size = video[0].shape[0]
+        total = video[0].shape[1] + text[0].shape[1]
         # One host sync for the valid-token indices of every sample (Diffusers syncs once per sample).
         indices = [row.nonzero().flatten() for row in attention_mask.bool().reshape(batch_size, -1).cpu()]
         counts = {len(i) for i in indices}
         if len(counts) == 1:
-            index = torch.stack(indices).to(video_qkv[0].device)  # [B, L]
+            index = torch.stack(indices).to(video[0].device)  # [B, L]
             joint = [
                 torch.cat([v, torch.gather(t, 1, index[:, :, None, None].expand(-1, -1, *t.shape[2:]))], dim=1)
-                for v, t in zip(video_qkv, text_qkv)
+                for v, t in zip(video, text)
             ]
             out = self._attend_rows(*joint, self.name)
             return F.pad(out, (0, 0, 0, 0, 0, total - out.shape[1]))
         outs = []
         for b, index in enumerate(indices):
-            index = index.to(video_qkv[0].device)
-            joint = [torch.cat([v[b : b + 1], t[b : b + 1, index]], dim=1) for v, t in zip(video_qkv, text_qkv)]
+            index = index.to(video[0].device)
+            joint = [torch.cat([v[b : b + 1], t[b : b + 1, index]], dim=1) for v, t in zip(video, text)]
             out = self._attend_rows(*joint, f"{self.name}[{b}]")
             outs.append(F.pad(out, (0, 0, 0, 0, 0, total - out.shape[1])))
         return torch.cat(outs, dim=0)
@@ -126,7 +110,7 @@ class ProcessorSlot:
 
 
 @register_adapter
-class MochiAdapter(ModelAdapter):
+class MochiAdapter(LatentVideoAdapter):
     family = "mochi"
     timestep_index = 2  # forward(hidden_states, encoder_hidden_states, timestep, ...)
     transformer_classes = ("MochiTransformer3DModel",)
@@ -140,18 +124,14 @@ class MochiAdapter(ModelAdapter):
         "(no dispatcher)",
     )
     text_first = False
+    self_attention_paths = (("transformer_blocks", "attn1"),)
+    processor_class = MochiSparseAttnProcessor
 
     def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        for i, block in enumerate(model.transformer_blocks):
-            yield f"transformer_blocks.{i}.attn1", ProcessorSlot(block.attn1)
+        for name, module in super().self_attention_modules(model):
+            yield name, ProcessorSlot(module)
 
-    def make_processor(self, original, core, layer: int, name: str):
-        return MochiSparseAttnProcessor(core, layer, name, original)
-
-    def layout(self, model, args, kwargs) -> VideoLayout | None:
-        x = arg(args, kwargs, "hidden_states", 0)  # [B, C, F, H, W]; no temporal patching
-        if x is None or x.dim() != 5:
-            return None
+    def patch_size(self, model: torch.nn.Module) -> tuple[int, int, int]:
+        """Mochi patches rows and columns only (`patch_size`); every latent frame is a token frame."""
         p = model.config.patch_size
-        _, _, f, h, w = x.shape
-        return VideoLayout(f, h // p, w // p)
+        return 1, p, p

@@ -15,8 +15,6 @@ attention exactly. Any other mask goes to the core, which then runs dense with a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
@@ -26,22 +24,17 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from dit_sparse.layout import VideoLayout
 from dit_sparse.parallel import root_split_factor
 
-from .adapters import ModelAdapter, ModelFacts, arg, register_adapter
-from .hunyuan_video import KeyPaddingTrim, PaddedTextSparseProcessor
+from .adapters import ModelFacts, arg, register_adapter
+from .padded_text import PaddedTextAdapter, PaddedTextSparseProcessor
+from .sparse_processor import RotaryEmb, Tensor
 
 
 class QwenImageSparseAttnProcessor(PaddedTextSparseProcessor, QwenDoubleStreamAttnProcessor2_0):
     """Diffusers' Qwen-Image double-stream processor with the joint attention routed through the sparse core."""
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_hidden_states_mask: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 encoder_hidden_states_mask: Tensor | None = None, attention_mask: Tensor | None = None,
+                 image_rotary_emb: RotaryEmb | None = None) -> tuple[Tensor, Tensor]:
         if encoder_hidden_states is None or attention_mask is not None:
             # Diffusers rejects both; let it raise its own errors.
             return super().__call__(
@@ -96,21 +89,13 @@ class QwenImageSparseAttnProcessor(PaddedTextSparseProcessor, QwenDoubleStreamAt
 
     def _attend_joint(self, query, key, value, joint_mask, text_mask, seq_txt: int) -> torch.Tensor:
         dense = self._dense_attention(query, key, value, joint_mask)
-        valid = None
-        # Under context parallelism each rank holds a shard, so the padded text cannot be cut out here.
-        if text_mask is not None and self._parallel_config is None and not self.core.config.is_dense:
-            valid = self.trim.valid_length(text_mask, seq_txt)
+        valid = self._valid_length(text_mask, seq_txt)
         if valid is None:
-            return self.core.attend(
-                query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=True,
-                attention_mask=joint_mask, parallel_config=self._parallel_config,
-            )
+            return self._attend_core(query, key, value, dense, text_first=True, mask=joint_mask)
         if valid == seq_txt:  # the mask keeps every key
-            return self.core.attend(
-                query, key, value, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=True,
-            )
+            return self._attend_core(query, key, value, dense, text_first=True)
         q, k, v = (torch.cat([t[:, :valid], t[:, seq_txt:]], dim=1) for t in (query, key, value))
-        out = self.core.attend(q, k, v, layer=self.layer, layer_name=self.name, dense_fn=dense, text_first=True)
+        out = self._attend_core(q, k, v, dense, text_first=True)
         if out.shape[1] == query.shape[1]:  # the core ran `dense` on the full, masked sequence
             return out
         # Padded text queries still attend to every kept key in the original model.
@@ -141,7 +126,7 @@ def _image_grid(img_shapes, image_tokens: int) -> tuple[int, int, int] | None:
 
 
 @register_adapter
-class QwenImageAdapter(ModelAdapter):
+class QwenImageAdapter(PaddedTextAdapter):
     family = "qwen_image"
     timestep_index = 3  # forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, ...)
     transformer_classes = ("QwenImageTransformer2DModel",)
@@ -154,16 +139,8 @@ class QwenImageAdapter(ModelAdapter):
         heads="(B, S, H, D) after unflatten by head_dim; dispatched through dispatch_attention_fn",
     )
     text_first = True
-
-    def __init__(self) -> None:
-        self._trim = KeyPaddingTrim()  # one mask analysis per forward, shared by every layer
-
-    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        for i, block in enumerate(model.transformer_blocks):
-            yield f"transformer_blocks.{i}.attn", block.attn
-
-    def make_processor(self, original, core, layer: int, name: str):
-        return QwenImageSparseAttnProcessor(core, layer, name, original, self._trim)
+    self_attention_paths = (("transformer_blocks", "attn"),)
+    processor_class = QwenImageSparseAttnProcessor
 
     def layout(self, model, args, kwargs) -> VideoLayout | None:
         x = arg(args, kwargs, "hidden_states", 0)  # packed latents [B, S, C]

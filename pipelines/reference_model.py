@@ -1,4 +1,4 @@
-"""The bundled reference text-to-video DiT: configs, builders, a Diffusers pipeline and its loader.
+"""The bundled reference text-to-video DiT: configs, builders, a Diffusers pipeline, its saver and loader.
 
 The transformer is Diffusers' own `WanTransformer3DModel` (so Wan attention processors and everything
 built on them run unchanged) working directly in pixel space: 16 frames x 64 x 64 RGB with patch (1, 4, 4)
@@ -19,8 +19,8 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTra
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .clip_prompts import vocabulary
 from .text_encoder import ReferenceTextEncoder
-from .video_data import vocabulary
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "assets" / "reference-video-dit"
 TRAIN_COMMAND = "python -m dit_sparse.pipelines.train_reference --out assets/reference-video-dit"
@@ -41,19 +41,10 @@ TRANSFORMER_CONFIG: dict[str, Any] = dict(
 )
 TEXT_CONFIG: dict[str, Any] = dict(dim=128, num_layers=2, num_heads=4, ffn_dim=256, max_length=32)
 
-# Same architecture family at toy size, for CPU tests (random weights).
+# Same architecture at toy size, for CPU tests (random weights).
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = dict(
-    patch_size=(1, 4, 4),
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=3,
-    out_channels=3,
-    text_dim=16,
-    freq_dim=32,
-    ffn_dim=32,
-    num_layers=2,
-    qk_norm="rms_norm_across_heads",
-    rope_max_seq_len=64,
+    TRANSFORMER_CONFIG, num_attention_heads=2, attention_head_dim=16, text_dim=16, freq_dim=32, ffn_dim=32,
+    num_layers=2, rope_max_seq_len=64,
 )
 TINY_TEXT_CONFIG: dict[str, Any] = dict(dim=16, num_layers=1, num_heads=2, ffn_dim=32, max_length=32)
 
@@ -123,6 +114,19 @@ class ReferenceVideoPipeline(DiffusionPipeline):
         emb = self.text_encoder(ids)
         return emb.to(self.transformer.dtype)
 
+    def _predict(self, branch: str, ctx: dict[str, Any], hidden_states: torch.Tensor, timestep: torch.Tensor,
+                 embeds: torch.Tensor, attention_kwargs: dict[str, Any] | None) -> torch.Tensor:
+        """The transformer's prediction for one guidance branch ("cond" / "uncond"), inside that branch's
+        cache context so that caching hooks keep the two branches apart."""
+        with self.transformer.cache_context(branch, **ctx):
+            return self.transformer(
+                hidden_states=hidden_states,
+                timestep=timestep,
+                encoder_hidden_states=embeds,
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
+
     @torch.no_grad()
     def __call__(
         self,
@@ -176,23 +180,10 @@ class ReferenceVideoPipeline(DiffusionPipeline):
                 model_input = latents.to(dtype)
                 timestep = t.expand(batch)
                 ctx = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
-                with self.transformer.cache_context("cond", **ctx):
-                    noise_pred = self.transformer(
-                        hidden_states=model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=prompt_embeds,
-                        attention_kwargs=attention_kwargs,
-                        return_dict=False,
-                    )[0]
+                noise_pred = self._predict("cond", ctx, model_input, timestep, prompt_embeds, attention_kwargs)
                 if self.do_classifier_free_guidance:
-                    with self.transformer.cache_context("uncond", **ctx):
-                        noise_uncond = self.transformer(
-                            hidden_states=model_input,
-                            timestep=timestep,
-                            encoder_hidden_states=negative_embeds,
-                            attention_kwargs=attention_kwargs,
-                            return_dict=False,
-                        )[0]
+                    noise_uncond = self._predict("uncond", ctx, model_input, timestep, negative_embeds,
+                                                 attention_kwargs)
                     noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
                 latents = self.scheduler.step(noise_pred.float(), t, latents, return_dict=False)[0]
                 progress_bar.update()
@@ -212,6 +203,12 @@ class ReferenceVideoPipeline(DiffusionPipeline):
 def build_pipeline(tiny: bool = False, shift: float = DEFAULT_SHIFT) -> ReferenceVideoPipeline:
     """A pipeline with freshly initialised (random) weights; tiny=True gives the CPU test variant."""
     return ReferenceVideoPipeline(build_transformer(tiny), build_text_encoder(tiny), build_scheduler(shift))
+
+
+def save_pipeline(pipe: ReferenceVideoPipeline, out: Path) -> int:
+    """Save as safetensors (weights as they are: bf16, small fp32 modules); returns the weight bytes."""
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return sum(f.stat().st_size for f in out.rglob("*.safetensors"))
 
 
 def load_reference_pipeline(

@@ -30,6 +30,4 @@ class SkyReelsV2Adapter(WanAdapter):
               "mask: those calls run the model's dense attention (counted as fallback). DF passes per-frame "
               "timesteps [B, F]; steps are tracked from the largest one",
     )
-
-    def make_processor(self, original, core, layer: int, name: str):
-        return SkyReelsV2SparseAttnProcessor(core, layer, name, original)
+    processor_class = SkyReelsV2SparseAttnProcessor

@@ -35,7 +35,7 @@ class ReferenceTextEncoder(ModelMixin, ConfigMixin):
     ) -> None:
         super().__init__()
         if not vocab:
-            raise ValueError("ReferenceTextEncoder needs a non-empty vocabulary (e.g. video_data.vocabulary()).")
+            raise ValueError("ReferenceTextEncoder needs a non-empty vocabulary (e.g. clip_prompts.vocabulary()).")
         self.itos = [PAD, BOS, UNK, *vocab]
         self.stoi = {w: i for i, w in enumerate(self.itos)}
         self.token_embedding = nn.Embedding(len(self.itos), dim)

@@ -6,19 +6,19 @@ Animate and ChronoEdit ship copies of that processor under their own classes and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-from dit_sparse.layout import VideoLayout
-
-from .adapters import ModelAdapter, ModelFacts, SparseProcessorMixin, arg, register_adapter
+from .adapters import LatentVideoAdapter, ModelFacts, register_adapter
 from .reorder import ReorderPoint, back_along
+from .sparse_processor import SparseProcessorMixin, project_out, split_heads
 
 
-def _apply_wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+def apply_wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's 3D RoPE on [B, S, H, D] (interleaved pairs), given the model's (cos, sin) rotary table."""
     # Same arithmetic as Diffusers' WanAttnProcessor (interleaved pairs), so dense outputs match bitwise.
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos = freqs_cos[..., 0::2]
@@ -39,26 +39,18 @@ class WanStyleSparseProcessor(SparseProcessorMixin):
 
     _qkv_projections: ClassVar[Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
-    def __init__(self, core: Any, layer: int, name: str, original: Any = None) -> None:
-        super().__init__()
-        self._bind(core, layer, name, original)
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None:  # never reached for attn1; keeps the class a drop-in
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = type(self)._qkv_projections(attn, hidden_states, None)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
+        query, key, value = split_heads(attn, attn.norm_q(query), attn.norm_k(key), value)
         if rotary_emb is not None:
-            query = _apply_wan_rope(query, *rotary_emb)
-            key = _apply_wan_rope(key, *rotary_emb)
+            query = apply_wan_rope(query, *rotary_emb)
+            key = apply_wan_rope(key, *rotary_emb)
 
         # SkyReels-V2 diffusion forcing passes a block-causal mask here: the core runs it dense.
         out = self._attend(query, key, value, attention_mask)
-        out = out.flatten(2, 3).type_as(query)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        return project_out(attn, out.flatten(2, 3).type_as(query))
 
 
 class WanSparseAttnProcessor(WanStyleSparseProcessor, WanAttnProcessor):
@@ -68,7 +60,7 @@ class WanSparseAttnProcessor(WanStyleSparseProcessor, WanAttnProcessor):
 
 
 @register_adapter
-class WanAdapter(ModelAdapter):
+class WanAdapter(LatentVideoAdapter):
     family = "wan"
     transformer_classes = ("WanTransformer3DModel",)
     facts = ModelFacts(
@@ -78,22 +70,8 @@ class WanAdapter(ModelAdapter):
         heads="(B, S, H, D) after unflatten; dispatched through dispatch_attention_fn",
     )
     text_first = None
-
-    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        for i, block in enumerate(model.blocks):
-            yield f"blocks.{i}.attn1", block.attn1
-
-    def make_processor(self, original, core, layer: int, name: str):
-        return WanSparseAttnProcessor(core, layer, name, original)
-
-    def layout(self, model, args, kwargs) -> VideoLayout | None:
-        """Grid of the 5D latent [B, C, F, H, W] divided by the patch size; tokens are frame-major."""
-        x = arg(args, kwargs, "hidden_states", 0)
-        if x is None or x.dim() != 5:
-            return None
-        pt, ph, pw = model.config.patch_size
-        _, _, f, h, w = x.shape
-        return VideoLayout(f // pt, h // ph, w // pw)
+    self_attention_paths = (("blocks", "attn1"),)
+    processor_class = WanSparseAttnProcessor
 
     def reorder_points(self, model: torch.nn.Module) -> tuple[ReorderPoint, ...]:
         """Wan's own transformer is token-wise outside self-attention (norms, MLP, cross-attention queries,
@@ -142,9 +120,6 @@ class WanVACEAdapter(WanAdapter):
         heads="(B, S, H, D) after unflatten; Wan's own WanAttnProcessor in blocks and vace_blocks",
     )
 
-    def self_attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
-        # The VACE blocks run first in a forward, but the backbone is listed first so its layer indices
-        # (warm-up layers, per-layer seeds) are those of the Wan model it was built on.
-        yield from super().self_attention_modules(model)
-        for i, block in enumerate(model.vace_blocks):
-            yield f"vace_blocks.{i}.attn1", block.attn1
+    # The VACE blocks run first in a forward, but the backbone is listed first so its layer indices
+    # (warm-up layers, per-layer seeds) are those of the Wan model it was built on.
+    self_attention_paths = (("blocks", "attn1"), ("vace_blocks", "attn1"))

@@ -26,6 +26,4 @@ class WanAnimateAdapter(WanAdapter):
         heads="(B, S, H, D) after unflatten; pose latents are added to frames 1.. before patching, so the "
               "grid is the hidden_states' (F = 1 reference + T frames)",
     )
-
-    def make_processor(self, original, core, layer: int, name: str):
-        return WanAnimateSparseAttnProcessor(core, layer, name, original)
+    processor_class = WanAnimateSparseAttnProcessor

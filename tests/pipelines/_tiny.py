@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from dit_sparse.pipelines.adapters import get_adapter
+from dit_sparse.pipelines.families import get_adapter
 
 import dit_sparse
 

@@ -23,9 +23,10 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
-from dit_sparse.pipelines.adapters import UnsupportedModelError, get_adapter, supported_models
+from dit_sparse.pipelines.adapters import UnsupportedModelError
+from dit_sparse.pipelines.families import get_adapter, supported_models
 from dit_sparse.pipelines.flux import FluxAdapter
-from dit_sparse.pipelines.hunyuan_video import KeyPaddingTrim
+from dit_sparse.pipelines.padded_text import KeyPaddingTrim
 
 import dit_sparse
 

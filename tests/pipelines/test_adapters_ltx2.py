@@ -19,7 +19,7 @@ import torch
 from _tiny import apply_full, fail_on_fallback, processors, randn, seeded_model
 from diffusers import LTX2VideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor
-from dit_sparse.pipelines.adapters import get_adapter, supported_models
+from dit_sparse.pipelines.families import get_adapter, supported_models
 from dit_sparse.pipelines.ltx2 import LTX2Adapter, _frame_major_grid
 from test_adapters_other_families import _dense_and_sparse
 

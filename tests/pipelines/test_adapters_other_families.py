@@ -22,7 +22,7 @@ from diffusers import (
     MochiTransformer3DModel,
     QwenImageTransformer2DModel,
 )
-from dit_sparse.pipelines.adapters import get_adapter, supported_models
+from dit_sparse.pipelines.families import get_adapter, supported_models
 from dit_sparse.pipelines.flux2 import Flux2Adapter
 from dit_sparse.pipelines.qwen_image import QwenImageAdapter
 

@@ -24,7 +24,7 @@ from diffusers import (
     WanAnimateTransformer3DModel,
     WanVACETransformer3DModel,
 )
-from dit_sparse.pipelines.adapters import get_adapter, supported_models
+from dit_sparse.pipelines.families import get_adapter, supported_models
 
 import dit_sparse
 

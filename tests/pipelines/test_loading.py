@@ -14,7 +14,7 @@ from dit_sparse.pipelines.loading import (
     pipeline_class_name,
     resolve_device,
 )
-from dit_sparse.pipelines.train_reference import save_pipeline
+from dit_sparse.pipelines.reference_model import save_pipeline
 
 PROMPT = "a red square moves left on a dark striped background"
 

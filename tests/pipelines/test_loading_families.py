@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from dit_sparse.pipelines.adapters import get_adapter
+from dit_sparse.pipelines.families import get_adapter
 from dit_sparse.pipelines.loading import LoadedModel, ModelLoadError, load_model
 from test_pipeline_runs_new_families import (
     METHOD,

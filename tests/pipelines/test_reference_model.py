@@ -8,6 +8,7 @@ import torch
 from dit_sparse.pipelines import reference_model as rm
 from dit_sparse.pipelines import train_reference as tr
 from dit_sparse.pipelines import video_data as vd
+from dit_sparse.pipelines.reference_eval import concentration
 
 PROMPTS = ["a red square moves left on a dark striped background", "a blue striped disc grows on a light cloudy background"]
 
@@ -89,10 +90,10 @@ def test_tokenizer_covers_every_generated_prompt():
 
 def test_concentration_metric_on_known_masses():
     eye = torch.eye(20).view(1, 1, 20, 20)
-    c = tr.concentration(eye)
+    c = concentration(eye)
     assert c["top5%"] == pytest.approx(1.0) and c["density_for_90%"] == pytest.approx(1 / 20)
     uniform = torch.full((1, 1, 20, 20), 1 / 20)
-    c = tr.concentration(uniform)
+    c = concentration(uniform)
     assert c["top25%"] == pytest.approx(0.25, abs=1e-5) and c["top5%"] == pytest.approx(0.05, abs=1e-5)
 
 

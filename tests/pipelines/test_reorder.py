@@ -13,6 +13,7 @@ from diffusers.hooks import HookRegistry
 from dit_sparse.pipelines.reorder import HOOK_NAME
 
 import dit_sparse
+from dit_sparse.methods.window3d.method import Window3DState
 
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
             text_dim=16, freq_dim=32, ffn_dim=32, num_layers=3, rope_max_seq_len=64)
@@ -37,9 +38,14 @@ def _run(model, inputs: dict, timesteps, method: str = "window3d", sparsity: flo
     with torch.no_grad():
         for t in timesteps:
             outs.append(model(**inputs, timestep=t, return_dict=False)[0])
-            plans += [st["plan"] for st in handle.tracker._states.values() if "plan" in st]
+            plans += [st.plan for st in _window3d_states(handle) if st.plan is not None]
     handle.remove()
     return outs, plans
+
+
+def _window3d_states(handle) -> list[Window3DState]:
+    """window3d's state of every (layer, branch) of the handle's run."""
+    return [st for _, states in handle.tracker.states.items() for st in states if isinstance(st, Window3DState)]
 
 
 def _steps(batch: int = 2):
@@ -76,8 +82,8 @@ def test_classification_on_reordered_tokens_picks_the_same_heads():
                                   reorder_tokens=reorder)
         with torch.no_grad():
             model(**inputs, timestep=torch.tensor([900.0]), return_dict=False)
-        chosen[reorder] = [st["classified"][2][1] for st in handle.tracker._states.values()]
-        cands = [st["classified"][2][0] for st in handle.tracker._states.values()]
+        chosen[reorder] = [st.classified[2][1] for st in _window3d_states(handle)]
+        cands = [st.classified[2][0] for st in _window3d_states(handle)]
         handle.remove()
     assert len(cands[0]) >= 2  # a real choice between candidates was made
     assert all(torch.equal(a, b) for a, b in zip(chosen[True], chosen[False]))

@@ -3,6 +3,8 @@
 import torch
 from dit_sparse.pipelines import adherence
 from dit_sparse.pipelines import video_data as vd
+from dit_sparse.pipelines.clip_motion import path_vector
+from dit_sparse.pipelines.clip_prompts import vocabulary
 
 
 def _specs(seed: int, n: int = 6, **kw) -> vd.SpecBatch:
@@ -55,7 +57,7 @@ def test_paths_move_as_described():
     for i in range(len(spec)):
         path = vd.PATH_NAMES[int(spec.path[i, 0])]
         disp = centres[i, 0, -1] - centres[i, 0, 0]
-        want = torch.tensor(vd.path_vector(path))
+        want = torch.tensor(path_vector(path))
         if path == "bounce":
             assert torch.allclose(disp, torch.zeros(2), atol=1e-4)
             assert float((centres[i, 0, 8] - centres[i, 0, 0])[0]) > 25
@@ -74,7 +76,7 @@ def test_prompts_describe_the_spec():
         assert text.count(" and a ") == len(truth.objects) - 1
         if len(truth.objects) == 2:
             assert truth.objects[0].colour != truth.objects[1].colour
-        assert set(text.split()) <= set(vd.vocabulary())
+        assert set(text.split()) <= set(vocabulary())
 
 
 def test_heldout_set_is_fixed_distinct_and_excluded_from_training():

@@ -1,0 +1,72 @@
+"""Checkpoints of a reference-model training: the whole state, so that a later run continues exactly.
+
+Long trainings run as several runs (`train_reference --checkpoint FILE --resume`): a checkpoint holds the
+weights, the optimizer, the EMA, the data and noise generators and the step, plus the minutes trained and
+the logs of the runs so far. Resuming on the same device continues bitwise as if the run had not stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .reference_trainer import Trainer
+
+CHECKPOINT_FORMAT = "dit-sparse/train-reference-checkpoint-v1"
+
+
+def trainer_state(trainer: Trainer, minutes: float, history: list) -> dict:
+    """Everything a later run needs to continue exactly where `trainer` stopped."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": trainer.step,
+        "minutes": minutes,
+        "history": history,
+        "model": {"tiny": trainer.args.tiny, "params": [tuple(p.shape) for p in trainer.params]},
+        "params": [p.detach().cpu() for p in trainer.params],
+        "ema": None if trainer.ema is None else [e.cpu() for e in trainer.ema],
+        "opt": trainer.opt.state_dict(),
+        "data_gen": trainer.data_gen.get_state(),
+        "noise_gen": trainer.noise_gen.get_state(),
+    }
+
+
+def load_trainer_state(trainer: Trainer, state: dict) -> None:
+    """Continue `trainer` from `state` (from `trainer_state`); a checkpoint of another model size is a clear
+    error."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (format {state.get('format')!r})")
+    shapes = [tuple(p.shape) for p in trainer.params]
+    if state["model"]["params"] != shapes:
+        raise ValueError("the checkpoint holds another model size (--tiny differs?): start without --resume")
+    with torch.no_grad():
+        for p, saved in zip(trainer.params, state["params"]):
+            p.copy_(saved)
+        if trainer.ema is not None and state["ema"] is not None:
+            for e, saved in zip(trainer.ema, state["ema"]):
+                e.copy_(saved)
+    trainer.opt.load_state_dict(state["opt"])
+    trainer.data_gen.set_state(state["data_gen"])
+    trainer.noise_gen.set_state(state["noise_gen"])
+    trainer.step = int(state["step"])
+
+
+def resume(trainer: Trainer, path: Path) -> tuple[float, list]:
+    """Continue `trainer` from the checkpoint file at `path`; returns the minutes trained before and the
+    logs of the earlier runs."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    load_trainer_state(trainer, state)
+    minutes_before, history = float(state["minutes"]), list(state["history"])
+    print(f"resumed from {path}: step {trainer.step}, {minutes_before:.1f} min trained", flush=True)
+    return minutes_before, history
+
+
+def save_checkpoint(trainer: Trainer, path: Path, minutes: float, history: list) -> None:
+    """Write `trainer`'s state to `path`, atomically: a run cut off while writing leaves the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(trainer_state(trainer, minutes, history), tmp)
+    tmp.replace(path)
