@@ -1,19 +1,38 @@
 """Model adapters for Wan, HunyuanVideo, CogVideoX, LTX-Video and Flux on tiny random models (CPU, float32).
 
-For every family: sparsity 0 is bitwise Diffusers; `remove` restores the very same processor objects;
-the "full" plan (every block, run by the block-sparse reference executor) matches dense attention, which
-proves the processors hand the core the right q, k, v; the reported layout accounts for every token.
+The checks every adapter must pass run here, over these families and those of test_adapters_other_families.py:
+sparsity 0 is bitwise Diffusers; `remove` restores the very same processor objects; the "full" plan (every
+block, run by the block-sparse reference executor) matches dense attention, which proves the processors hand
+the core the right q, k, v; the reported layout accounts for every token. Then this file's families' details.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from functools import partial
 
 import pytest
 import torch
-from _tiny import processors, randn, run, seeded_model, sparse_names
+from _tiny import (
+    BATCH,
+    TEXT,
+    Family,
+    apply_full,
+    assert_close,
+    assert_dense_is_bitwise_and_remove_restores,
+    assert_equal,
+    assert_falls_back_to_dense,
+    assert_full_plan_matches_dense,
+    assert_layout_accounts_for_every_token,
+    assert_padded_inputs_match_in_turn,
+    assert_processors_match,
+    case_fixture,
+    image_ids,
+    randn,
+    run,
+    seeded_model,
+    sparse_names,
+    sparse_run,
+)
 from diffusers import (
     CogVideoXTransformer3DModel,
     FluxTransformer2DModel,
@@ -27,26 +46,13 @@ from dit_sparse.pipelines.adapters import UnsupportedModelError
 from dit_sparse.pipelines.families import get_adapter, supported_models
 from dit_sparse.pipelines.flux import FluxAdapter
 from dit_sparse.pipelines.padded_text import KeyPaddingTrim
+from test_adapters_other_families import FAMILIES as OTHER_FAMILIES
+from test_adapters_other_families import MOCHI_WARNING
 
 import dit_sparse
 
-BATCH = 2
-TEXT = 7  # odd on purpose
-
-
-
-
-@dataclass
-class Family:
-    """A tiny model of one family, how to feed it, and the token grid it should report."""
-
-    name: str
-    build: Callable[[], torch.nn.Module]
-    inputs: Callable[[torch.nn.Module, int], dict]
-    grid: tuple[int, int, int]  # (frames, rows, cols) after patching
-    text_in_attention: int  # text tokens in the self/joint attention sequence (0: cross-attention model)
-    text_first: bool | None
-    sparse_class: str
+# The Mochi families of the shared table warn on every forward (see test_adapters_other_families.py).
+pytestmark = pytest.mark.filterwarnings(f"ignore:{MOCHI_WARNING}")
 
 
 # ---------------------------------------------------------------------------------------------- Wan
@@ -151,11 +157,7 @@ def _flux() -> torch.nn.Module:
     )
 
 
-def _flux_ids(rows: int, cols: int) -> torch.Tensor:
-    ids = torch.zeros(rows, cols, 3)
-    ids[..., 1] = torch.arange(rows)[:, None]
-    ids[..., 2] = torch.arange(cols)[None, :]
-    return ids.reshape(rows * cols, 3)
+_flux_ids = partial(image_ids, axes=3)  # (0, row, col)
 
 
 def _flux_inputs(model, seed):
@@ -173,164 +175,79 @@ def _flux_inputs(model, seed):
 
 
 FAMILIES = [
-    Family("wan", _wan, _wan_inputs, (3, 5, 3), 0, None, "WanSparseAttnProcessor"),
-    Family("hunyuan_video", _hunyuan, _hunyuan_inputs, (3, 5, 3), TEXT, False, "HunyuanVideoSparseAttnProcessor"),
-    Family("cogvideox", _cogvideox, _cogvideox_inputs, (4, 5, 6), TEXT, True, "CogVideoXSparseAttnProcessor"),
+    Family("wan", _wan, _wan_inputs, (3, 5, 3), 0, None, {"WanSparseAttnProcessor"}),
+    Family("hunyuan_video", _hunyuan, _hunyuan_inputs, (3, 5, 3), TEXT, False, {"HunyuanVideoSparseAttnProcessor"}),
+    Family("cogvideox", _cogvideox, _cogvideox_inputs, (4, 5, 6), TEXT, True, {"CogVideoXSparseAttnProcessor"}),
     Family("cogvideox_1.5", lambda: _cogvideox(2), _cogvideox_inputs, (2, 5, 6), TEXT, True,
-           "CogVideoXSparseAttnProcessor"),
-    Family("ltx_video", _ltx, _ltx_inputs, (3, 5, 7), 0, None, "LTXVideoSparseAttnProcessor"),
-    Family("flux", _flux, _flux_inputs, (1, 5, 9), TEXT, True, "FluxSparseAttnProcessor"),
+           {"CogVideoXSparseAttnProcessor"}),
+    Family("ltx_video", _ltx, _ltx_inputs, (3, 5, 7), 0, None, {"LTXVideoSparseAttnProcessor"}),
+    Family("flux", _flux, _flux_inputs, (1, 5, 9), TEXT, True, {"FluxSparseAttnProcessor"}),
 ]
-IDS = [f.name for f in FAMILIES]
+# Every family that shares these checks: the ones above, then the newer ones.
+ALL_FAMILIES = FAMILIES + OTHER_FAMILIES
 
 
-
-
-
-
-
-
-
-
-@pytest.fixture(scope="module", params=FAMILIES, ids=IDS)
-def case(request):
-    family = request.param
-    model = seeded_model(family.build)
-    inputs = family.inputs(model, seed=1)
-    return family, model, inputs, run(model, inputs)
+case = case_fixture(ALL_FAMILIES)
 
 
 def test_dense_is_bitwise_diffusers_and_remove_restores(case):
     family, model, inputs, reference = case
-    before = processors(model)
     sparse = sparse_names(model)
-    assert len(sparse) == 2
-    for method in ("dense", "full"):
-        handle = dit_sparse.apply(model, method, 0.0)
-        now = processors(model)
-        for name, proc in now.items():
-            if name in sparse:
-                assert type(proc).__name__ == family.sparse_class
-            else:  # cross-attention / text refiner keep their processor object
-                assert proc is before[name]
-        assert torch.equal(run(model, inputs), reference)
-        dit_sparse.remove(model)
-        assert not handle.active
-        after = processors(model)
-        assert after.keys() == before.keys()
-        assert all(after[n] is before[n] for n in before)
-        assert torch.equal(run(model, inputs), reference)
+    assert len(sparse) == family.num_sparse
+    assert_dense_is_bitwise_and_remove_restores(model, inputs, reference, sparse, family.sparse_classes)
 
 
 def test_full_plan_through_block_executor_matches_dense(case):
     family, model, inputs, reference = case
-    handle = dit_sparse.apply(model, "full", 0.5, warmup_steps=0, warmup_layers=0, block_size=16)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no dense fallback allowed
-            out = run(model, inputs)
-        stats = handle.stats()
-    finally:
-        handle.remove()
-    assert stats["sparse_calls"] == 2 and stats["dense_calls"] == 0
-    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    assert_full_plan_matches_dense(model, inputs, reference, family.num_sparse, allowed_warning=family.own_warning)
 
 
 def test_layout_accounts_for_every_token(case):
     family, model, inputs, _ = case
-    handle = dit_sparse.apply(model, "full", 0.5, warmup_steps=0, warmup_layers=0, block_size=16)
-    seen = []
-    attend = handle.core.attend
-
-    def recording_attend(query, key, value, **kw):
-        seen.append((query.shape, key.shape, kw.get("text_first"), handle.tracker.layout))
-        return attend(query, key, value, **kw)
-
-    handle.core.attend = recording_attend
-    try:
-        run(model, inputs)
-    finally:
-        handle.remove()
-    assert len(seen) == 2
-    for q_shape, k_shape, text_first, layout in seen:
-        assert q_shape[0] == BATCH and q_shape[2] == 2 and q_shape == k_shape  # [B, S, H, D]
-        assert (layout.frames, layout.rows, layout.cols) == family.grid
-        joint = layout.with_text(q_shape[1], text_first)
-        assert joint.video_tokens + family.text_in_attention == q_shape[1]
-        assert joint.text_tokens == family.text_in_attention
-        assert text_first == family.text_first
+    calls = assert_layout_accounts_for_every_token(model, inputs, family.grid, text_tokens=family.text_in_attention,
+                                                   text_first=family.text_first, allowed_warning=family.own_warning)
+    assert len(calls) == family.num_sparse
     assert get_adapter(model).text_first == family.text_first
 
 
-# ---------------------------------------------------------------------------------------------- per-family details
-def test_attention_backend_is_carried_over():
-    model = seeded_model(FAMILIES[5].build)  # Flux
-    inputs = _flux_inputs(model, seed=2)
+@pytest.mark.parametrize("name", ["flux", "flux2"])
+def test_attention_backend_is_carried_over(name):
+    family = next(f for f in ALL_FAMILIES if f.name == name)
+    model = seeded_model(family.build)
+    inputs = family.inputs(model, seed=2)
     reference = run(model, inputs)
     model.set_attention_backend("native")
-    handle = dit_sparse.apply(model, "full", 0.0)
-    try:
+    with dit_sparse.sparse_attention(model, "full", 0.0):
         backends = {m.processor._attention_backend for _, m in get_adapter(model).self_attention_modules(model)}
         assert len(backends) == 1 and str(backends.pop().value) == "native"
         assert torch.equal(run(model, inputs), reference)
-    finally:
-        handle.remove()
 
 
+# ---------------------------------------------------------------------------------------------- per-family details
 def test_hunyuan_padded_text_runs_sparse_on_the_valid_prefix():
-    model = seeded_model(FAMILIES[1].build)
+    model = seeded_model(_hunyuan)
     padded = [_hunyuan_inputs(model, seed=3, valid=v) for v in ((4, 4), (2, 2))]
     references = [run(model, x) for x in padded]
     with dit_sparse.sparse_attention(model, "full", 0.0):
         assert all(torch.equal(run(model, x), r) for x, r in zip(padded, references))
-    # warmup_layers=1: the first layer runs the original masked call, the second the trimmed sparse path.
-    for warmup_layers in (0, 1):
-        handle = dit_sparse.apply(model, "full", 0.5, warmup_steps=0, warmup_layers=warmup_layers, block_size=16)
-        try:
-            for inputs, reference in zip(padded, references):  # two masks in turn: no stale cache
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")
-                    out = run(model, inputs)
-                torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
-            stats = handle.stats()
-        finally:
-            handle.remove()
-        assert stats["sparse_calls"] == 2 * (2 - warmup_layers) and stats["fallback_calls"] == 0
+    assert_padded_inputs_match_in_turn(model, padded, references)
 
 
 def test_hunyuan_processor_matches_on_padded_text_tokens_too():
     # Padded text outputs never reach the model output (their keys are masked downstream), so check the
-    # processors directly: every output row, padded text queries included, equals Diffusers'.
-    model = seeded_model(FAMILIES[1].build)
+    # processors directly.
+    model = seeded_model(_hunyuan)
     g = torch.Generator().manual_seed(6)
     video, text, dim = 45, TEXT, 20
     mask = (torch.arange(video + text) < video + 3).expand(BATCH, 1, 1, -1)
     freqs = (randn(g, video, 10), randn(g, video, 10))
     args = (randn(g, BATCH, video, dim), randn(g, BATCH, text, dim), mask, freqs)
-    modules = [model.transformer_blocks[0].attn, model.single_transformer_blocks[0].attn]
-    with torch.no_grad():
-        expected = [m.processor(m, *args) for m in modules]
-        with dit_sparse.sparse_attention(model, "full", 0.5, warmup_steps=0, warmup_layers=0, block_size=16) as h:
-            got = [m.processor(m, *args) for m in modules]
-            assert h.stats()["sparse_calls"] == 2
-    for (out, enc), (ref_out, ref_enc) in zip(got, expected):
-        torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(enc, ref_enc, atol=1e-4, rtol=1e-4)
+    assert_processors_match(model, [model.transformer_blocks[0].attn, model.single_transformer_blocks[0].attn], *args)
 
 
 def test_hunyuan_unequal_padding_falls_back_to_dense_with_a_warning():
-    model = seeded_model(FAMILIES[1].build)
-    inputs = _hunyuan_inputs(model, seed=4, valid=(TEXT, 3))
-    reference = run(model, inputs)
-    handle = dit_sparse.apply(model, "full", 0.5, warmup_steps=0, warmup_layers=0, block_size=16)
-    try:
-        with pytest.warns(UserWarning, match="attention mask"):
-            out = run(model, inputs)
-        stats = handle.stats()
-    finally:
-        handle.remove()
-    assert torch.equal(out, reference)
-    assert stats["fallback_calls"] == 2 and stats["sparse_calls"] == 0
+    model = seeded_model(_hunyuan)
+    assert_falls_back_to_dense(model, _hunyuan_inputs(model, seed=4, valid=(TEXT, 3)))
 
 
 def test_key_padding_trim():
@@ -345,24 +262,16 @@ def test_key_padding_trim():
 
 
 def test_cogvideox_fused_qkv():
-    model = seeded_model(FAMILIES[2].build)
+    model = seeded_model(_cogvideox)
     model.fuse_qkv_projections()
     inputs = _cogvideox_inputs(model, seed=5)
     reference = run(model, inputs)
-    for method, sparsity in (("full", 0.0), ("full", 0.5)):
-        handle = dit_sparse.apply(model, method, sparsity, warmup_steps=0, warmup_layers=0, block_size=16)
-        try:
-            out = run(model, inputs)
-        finally:
-            handle.remove()
-        if sparsity == 0.0:
-            assert torch.equal(out, reference)
-        else:
-            torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    assert_equal(sparse_run(apply_full(model, sparsity=0.0), partial(run, model, inputs)).output, reference)
+    assert_close(sparse_run(apply_full(model), partial(run, model, inputs)).output, reference)
 
 
 def test_ltx_layout_needs_the_grid_kwargs():
-    model = seeded_model(FAMILIES[4].build)
+    model = seeded_model(_ltx)
     adapter = get_adapter(model)
     x = torch.randn(1, 3 * 5 * 7, 8)
     assert adapter.layout(model, (x,), {"num_frames": 3, "height": 5, "width": 7}) == dit_sparse.VideoLayout(3, 5, 7)

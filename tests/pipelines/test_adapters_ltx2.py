@@ -10,35 +10,46 @@ self-attention, both prompt cross-attentions and the audio<->video cross-attenti
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
 import torch
-from _tiny import apply_full, fail_on_fallback, processors, randn, seeded_model
+from _tiny import (
+    BATCH,
+    HEADS,
+    TEXT,
+    apply_full,
+    assert_close,
+    assert_dense_is_bitwise_and_remove_restores,
+    assert_equal,
+    assert_falls_back_to_dense,
+    assert_full_plan_matches_dense,
+    assert_layout_accounts_for_every_token,
+    case_fixture,
+    processors,
+    randn,
+    seeded_model,
+    sparse_run,
+)
 from diffusers import LTX2VideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor
 from dit_sparse.pipelines.families import get_adapter, supported_models
 from dit_sparse.pipelines.ltx2 import LTX2Adapter, _frame_major_grid
-from test_adapters_other_families import _dense_and_sparse
 
 import dit_sparse
 
-BATCH = 2
-TEXT = 7
 AUDIO_FRAMES = 6
-HEADS = 2
 LAYERS = 2
 # Every attention module of an LTX-2 block; only the first is video self-attention.
 BLOCK_ATTENTIONS = ("attn1", "audio_attn1", "attn2", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
+VIDEO_SELF_ATTENTION = [f"transformer_blocks.{i}.attn1" for i in range(LAYERS)]
 TINY = dict(
     out_channels=4, num_attention_heads=HEADS, attention_head_dim=12, cross_attention_dim=24, audio_in_channels=4,
     audio_out_channels=4, audio_num_attention_heads=HEADS, audio_attention_head_dim=8, audio_cross_attention_dim=16,
     num_layers=LAYERS, caption_channels=16,
 )
-
-
 
 
 @dataclass
@@ -99,9 +110,6 @@ VARIANTS = [
     Variant("ltx2.0", _ltx20, _ltx20_inputs, (3, 5, 4), "LTX2SparseAttnProcessor"),
     Variant("ltx2.3", _ltx23, _ltx23_inputs, (3, 5, 3), "LTX2SparsePerturbedAttnProcessor"),
 ]
-IDS = [v.name for v in VARIANTS]
-
-
 
 
 def _run(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,80 +119,28 @@ def _run(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
     return video, audio
 
 
-def _assert_equal(got, expected) -> None:
-    for a, b in zip(got, expected, strict=True):
-        assert torch.equal(a, b)
-
-
-def _assert_close(got, expected) -> None:
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-
-def _record_attend(handle) -> list[dict]:
-    """Wrap the core's `attend` to record each call's layer, shapes, text position and layout."""
-    seen = []
-    attend = handle.core.attend
-
-    def recording_attend(query, key, value, **kw):
-        seen.append(dict(layer_name=kw["layer_name"], q=query.shape, k=key.shape, text_first=kw.get("text_first"),
-                         layout=handle.tracker.layout, branch=handle.tracker.branch))
-        return attend(query, key, value, **kw)
-
-    handle.core.attend = recording_attend
-    return seen
-
-
-@pytest.fixture(scope="module", params=VARIANTS, ids=IDS)
-def case(request):
-    variant = request.param
-    model = seeded_model(variant.build)
-    inputs = variant.inputs(model, seed=1)
-    return variant, model, inputs, _run(model, inputs)
+case = case_fixture(VARIANTS, forward=_run)
 
 
 def test_only_video_self_attention_is_listed(case):
     _, model, _, _ = case
     names = [name for name, _ in get_adapter(model).self_attention_modules(model)]
-    assert names == [f"transformer_blocks.{i}.attn1" for i in range(LAYERS)]
+    assert names == VIDEO_SELF_ATTENTION
     assert isinstance(get_adapter(model), LTX2Adapter)
     assert "LTX2VideoTransformer3DModel" in supported_models()
 
 
 def test_sparsity_zero_is_bitwise_diffusers_and_remove_restores(case):
     variant, model, inputs, reference = case
-    before = processors(model)
-    assert len(before) == LAYERS * len(BLOCK_ATTENTIONS)
-    sparse = {f"transformer_blocks.{i}.attn1" for i in range(LAYERS)}
-    for method in ("window3d", "dense", "full"):
-        handle = dit_sparse.apply(model, method, 0.0)
-        now = processors(model)
-        for name, proc in now.items():
-            if name in sparse:
-                assert type(proc).__name__ == variant.sparse_class
-            else:  # audio self-attention and every cross-attention keep their processor object
-                assert proc is before[name]
-        _assert_equal(_run(model, inputs), reference)
-        dit_sparse.remove(model)
-        assert not handle.active
-        after = processors(model)
-        assert after.keys() == before.keys()
-        assert all(after[n] is before[n] for n in before)
-        _assert_equal(_run(model, inputs), reference)
+    assert len(processors(model)) == LAYERS * len(BLOCK_ATTENTIONS)
+    # Audio self-attention and every cross-attention keep their processor object.
+    assert_dense_is_bitwise_and_remove_restores(model, inputs, reference, VIDEO_SELF_ATTENTION, {variant.sparse_class},
+                                                methods=("window3d", "dense", "full"), forward=_run)
 
 
 def test_full_plan_through_block_executor_matches_dense(case):
     _, model, inputs, reference = case
-    handle = apply_full(model)
-    try:
-        with warnings.catch_warnings():
-            fail_on_fallback()
-            out = _run(model, inputs)
-        stats = handle.stats()
-    finally:
-        handle.remove()
-    assert stats["sparse_calls"] == LAYERS and stats["dense_calls"] == 0
-    _assert_close(out, reference)
+    assert_full_plan_matches_dense(model, inputs, reference, LAYERS, forward=_run)
 
 
 # Blocks of 16 tokens: the default block is larger than these tiny sequences, which would leave nothing to skip.
@@ -192,38 +148,21 @@ def test_full_plan_through_block_executor_matches_dense(case):
 def test_sparse_methods_run_on_video_self_attention_only(case, method, options):
     _, model, inputs, reference = case
     handle = dit_sparse.apply(model, method, 0.75, warmup_steps=0, warmup_layers=0, num_steps=2, **options)
-    seen = _record_attend(handle)
-    try:
-        with warnings.catch_warnings():
-            fail_on_fallback()
-            out = _run(model, inputs)
-        stats = handle.stats()
-    finally:
-        handle.remove()
-    assert stats["sparse_calls"] == LAYERS and stats["fallback_calls"] == 0
-    assert stats["sparsity_in_sparse_calls"] > 0.5
-    assert [s["layer_name"] for s in seen] == [f"transformer_blocks.{i}.attn1" for i in range(LAYERS)]
-    for got, ref in zip(out, reference, strict=True):
+    result = sparse_run(handle, partial(_run, model, inputs))
+    assert result.stats["sparse_calls"] == LAYERS and result.stats["fallback_calls"] == 0
+    assert result.stats["sparsity_in_sparse_calls"] > 0.5
+    assert [c.layer_name for c in result.calls] == VIDEO_SELF_ATTENTION
+    for got, ref in zip(result.output, reference, strict=True):
         assert got.shape == ref.shape and torch.isfinite(got).all()
         assert not torch.equal(got, ref)  # attention really was skipped
 
 
 def test_layout_accounts_for_every_video_token(case):
     variant, model, inputs, _ = case
-    handle = apply_full(model)
-    seen = _record_attend(handle)
-    try:
-        _run(model, inputs)
-    finally:
-        handle.remove()
-    assert len(seen) == LAYERS
-    frames, rows, cols = variant.grid
-    for call in seen:
-        assert call["q"] == call["k"] == (BATCH, frames * rows * cols, HEADS, 12)  # [B, S, H, D]
-        assert call["text_first"] is None  # text is cross-attention: the sequence is video only
-        layout = call["layout"]
-        assert (layout.frames, layout.rows, layout.cols) == variant.grid
-        assert layout.with_text(call["q"][1]).text_tokens == 0
+    # Text is cross-attention: the sequence is video only.
+    calls = assert_layout_accounts_for_every_token(model, inputs, variant.grid, forward=_run)
+    assert len(calls) == LAYERS
+    assert all(c.q[3] == 12 for c in calls)  # head dim
 
 
 # ---------------------------------------------------------------------------------------------- layout details
@@ -288,18 +227,11 @@ def test_spatio_temporal_guidance_blocks(perturbation_mask):
     inputs = _ltx23_inputs(model, seed=2, spatio_temporal_guidance_blocks=[1], perturbation_mask=perturbation_mask)
     reference = _run(model, inputs)
     with dit_sparse.sparse_attention(model, "window3d", 0.0):
-        _assert_equal(_run(model, inputs), reference)
-    handle = apply_full(model)
-    seen = _record_attend(handle)
-    try:
-        with warnings.catch_warnings():
-            fail_on_fallback()
-            out = _run(model, inputs)
-    finally:
-        handle.remove()
+        assert_equal(_run(model, inputs), reference)
+    result = sparse_run(apply_full(model), partial(_run, model, inputs))
     expected = ["transformer_blocks.0.attn1"] + (["transformer_blocks.1.attn1"] if perturbation_mask is not None else [])
-    assert [s["layer_name"] for s in seen] == expected
-    _assert_close(out, reference)
+    assert [c.layer_name for c in result.calls] == expected
+    assert_close(result.output, reference)
 
 
 def test_video_self_attention_mask_falls_back_to_dense():
@@ -310,29 +242,10 @@ def test_video_self_attention_mask_falls_back_to_dense():
     mask = torch.ones(BATCH, tokens, tokens)
     mask[:, :, -10:] = 0.5
     inputs["video_self_attention_mask"] = mask
-    reference = _run(model, inputs)
-    handle = apply_full(model)
-    try:
-        with pytest.warns(UserWarning, match="attention mask"):
-            out = _run(model, inputs)
-        stats = handle.stats()
-    finally:
-        handle.remove()
-    _assert_equal(out, reference)
-    assert stats["fallback_calls"] == LAYERS and stats["sparse_calls"] == 0
+    assert_falls_back_to_dense(model, inputs, fallback_calls=LAYERS, forward=_run)
 
     inputs["video_self_attention_mask"] = torch.ones(BATCH, tokens, tokens)  # nothing masked: sparse is exact
-    reference = _run(model, inputs)
-    handle = apply_full(model)
-    try:
-        with warnings.catch_warnings():
-            fail_on_fallback()
-            out = _run(model, inputs)
-        stats = handle.stats()
-    finally:
-        handle.remove()
-    _assert_close(out, reference)
-    assert stats["sparse_calls"] == LAYERS
+    assert_full_plan_matches_dense(model, inputs, _run(model, inputs), LAYERS, forward=_run)
 
 
 def test_unknown_processors_are_kept_with_a_warning():
@@ -399,23 +312,19 @@ def test_ltx2_pipeline_with_cfg_stg_and_modality_guidance():
         )
         return video
 
-    dense, sparse, stats, branches = _dense_and_sparse(pipe, call)
+    dense = call()
+    result = sparse_run(apply_full(pipe.transformer), call)
     assert dense.shape == (1, 4, 3, 4, 5)  # 17 frames at 128 x 160 -> a 3 x 4 x 5 latent grid
-    torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+    assert_close(result.output, dense)
     # Per step: CFG batched (both layers), STG (block 1 skips attention: block 0 only), modality isolation.
-    assert branches == ["cond_uncond", "uncond_modality", "uncond_stg"]
-    assert stats["sparse_calls"] == 2 * (LAYERS + 1 + LAYERS) and stats["fallback_calls"] == 0
+    assert sorted({c.branch for c in result.calls}) == ["cond_uncond", "uncond_modality", "uncond_stg"]
+    assert result.stats["sparse_calls"] == 2 * (LAYERS + 1 + LAYERS) and result.stats["fallback_calls"] == 0
 
     # A real sparse method through dit_sparse.apply(pipe, ...): both CFG halves in the one batched call.
-    handle = dit_sparse.apply(pipe, "pooled", 0.75, warmup_steps=0, warmup_layers=0, block_size=16)
-    seen = _record_attend(handle)
-    try:
-        out = call()
-        stats = handle.stats()
-    finally:
-        handle.remove()
-    assert torch.isfinite(out).all()
+    result = sparse_run(dit_sparse.apply(pipe, "pooled", 0.75, warmup_steps=0, warmup_layers=0, block_size=16), call)
+    assert torch.isfinite(result.output).all()
+    stats = result.stats
     assert stats["sparse_calls"] == 2 * (LAYERS + 1 + LAYERS) and stats["sparsity_in_sparse_calls"] > 0.5
-    cfg_calls = [s for s in seen if s["branch"] == "cond_uncond"]
-    assert len(cfg_calls) == 2 * LAYERS and all(s["q"][0] == 2 for s in cfg_calls)  # [uncond, cond] batch
-    assert {(s["layout"].frames, s["layout"].rows, s["layout"].cols) for s in seen} == {(3, 4, 5)}
+    cfg_calls = [c for c in result.calls if c.branch == "cond_uncond"]
+    assert len(cfg_calls) == 2 * LAYERS and all(c.q[0] == 2 for c in cfg_calls)  # [uncond, cond] batch
+    assert {(c.layout.frames, c.layout.rows, c.layout.cols) for c in result.calls} == {(3, 4, 5)}

@@ -8,13 +8,25 @@ attention; the reported layout accounts for every token.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pytest
 import torch
-from _tiny import processors, randn, run, seeded_model
+from _tiny import (
+    BATCH,
+    HEADS,
+    TEXT,
+    assert_close,
+    assert_dense_is_bitwise_and_remove_restores,
+    assert_falls_back_to_dense,
+    assert_full_plan_matches_dense,
+    assert_layout_accounts_for_every_token,
+    case_fixture,
+    processors,
+    randn,
+    seeded_model,
+    sparse_run,
+)
 from diffusers import (
     AutoencoderKLWan,
     ChronoEditTransformer3DModel,
@@ -28,14 +40,10 @@ from dit_sparse.pipelines.families import get_adapter, supported_models
 
 import dit_sparse
 
-BATCH = 2
-TEXT = 7
 FRAMES, HEIGHT, WIDTH = 3, 10, 6  # latent sizes; patch (1, 2, 2) -> grid (3, 5, 3), 45 tokens
 GRID = (3, 5, 3)
-TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, text_dim=16, freq_dim=32,
+TINY = dict(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=12, text_dim=16, freq_dim=32,
             ffn_dim=32, num_layers=2, rope_max_seq_len=32)
-
-
 
 
 def _common_inputs(g: torch.Generator, channels: int = 4, frames: int = FRAMES) -> dict:
@@ -53,7 +61,7 @@ class Family:
 
     name: str
     build: Callable[[], torch.nn.Module]
-    inputs: Callable[[int], dict]
+    inputs: Callable[..., dict]  # (model, seed) -> forward kwargs
     sparse_modules: list[str]  # in the adapter's layer order
     grid: tuple[int, int, int]
     sparse_class: str
@@ -63,7 +71,7 @@ def _skyreels(**extra) -> torch.nn.Module:
     return SkyReelsV2Transformer3DModel(in_channels=4, out_channels=4, **TINY, **extra)
 
 
-def _skyreels_inputs(seed: int, frames: int = FRAMES) -> dict:
+def _skyreels_inputs(model, seed: int, frames: int = FRAMES) -> dict:
     return _common_inputs(torch.Generator().manual_seed(seed), frames=frames)
 
 
@@ -71,7 +79,7 @@ def _vace() -> torch.nn.Module:
     return WanVACETransformer3DModel(in_channels=4, out_channels=4, vace_layers=[0], vace_in_channels=6, **TINY)
 
 
-def _vace_inputs(seed: int) -> dict:
+def _vace_inputs(model, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     return dict(**_common_inputs(g), control_hidden_states=randn(g, BATCH, 6, FRAMES, HEIGHT, WIDTH),
                 control_hidden_states_scale=torch.tensor([0.7]))
@@ -86,7 +94,7 @@ def _animate() -> torch.nn.Module:
     )
 
 
-def _animate_inputs(seed: int) -> dict:
+def _animate_inputs(model, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     # Frame 0 is the reference image; pose latents cover the other FRAMES - 1 frames, and 5 face frames
     # shrink to those 2 in the face encoder's two stride-2 convolutions.
@@ -99,7 +107,7 @@ def _chronoedit() -> torch.nn.Module:
     return ChronoEditTransformer3DModel(in_channels=4, out_channels=4, rope_temporal_skip_len=5, **TINY)
 
 
-def _chronoedit_inputs(seed: int) -> dict:
+def _chronoedit_inputs(model, seed: int) -> dict:
     # Two latent frames: the input and the edited image, with ChronoEdit's skipped temporal RoPE positions.
     return _common_inputs(torch.Generator().manual_seed(seed), frames=2)
 
@@ -113,18 +121,7 @@ FAMILIES = [
 ]
 
 
-
-
-
-
-
-
-@pytest.fixture(scope="module", params=FAMILIES, ids=[f.name for f in FAMILIES])
-def case(request):
-    family = request.param
-    model = seeded_model(family.build)
-    inputs = family.inputs(seed=1)
-    return family, model, inputs, run(model, inputs)
+case = case_fixture(FAMILIES)
 
 
 def test_adapter_names_the_self_attention_modules(case):
@@ -137,77 +134,27 @@ def test_adapter_names_the_self_attention_modules(case):
 
 def test_dense_is_bitwise_diffusers_and_remove_restores(case):
     family, model, inputs, reference = case
-    before = processors(model)
-    for method in ("dense", "full"):
-        handle = dit_sparse.apply(model, method, 0.0)
-        now = processors(model)
-        for name, proc in now.items():
-            if name in family.sparse_modules:
-                assert type(proc).__name__ == family.sparse_class
-                assert isinstance(proc, type(before[name]))  # still a drop-in for Diffusers' class
-            else:  # cross-attention and face-adapter modules keep their processor object
-                assert proc is before[name]
-        assert torch.equal(run(model, inputs), reference)
-        dit_sparse.remove(model)
-        assert not handle.active
-        after = processors(model)
-        assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
-        assert torch.equal(run(model, inputs), reference)
+    # The sparse processors stay drop-ins for Diffusers' class; cross-attention and face adapters keep theirs.
+    assert_dense_is_bitwise_and_remove_restores(model, inputs, reference, family.sparse_modules,
+                                                {family.sparse_class}, subclass_original=True)
 
 
 def test_full_plan_through_cpu_executor_matches_dense(case):
     family, model, inputs, reference = case
     for backend in ("reference", "cpu"):
-        handle = dit_sparse.apply(model, "full", 0.5, warmup_steps=0, warmup_layers=0, block_size=16,
-                                  backend=backend)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # no dense fallback allowed
-                out = run(model, inputs)
-            stats = handle.stats()
-        finally:
-            handle.remove()
-        assert stats["sparse_calls"] == len(family.sparse_modules) and stats["dense_calls"] == 0
-        torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+        assert_full_plan_matches_dense(model, inputs, reference, len(family.sparse_modules), backend=backend)
 
 
 def test_layout_accounts_for_every_token(case):
     family, model, inputs, _ = case
-    handle = dit_sparse.apply(model, "full", 0.5, warmup_steps=0, warmup_layers=0, block_size=16)
-    seen = []
-    attend = handle.core.attend
-
-    def recording_attend(query, key, value, **kw):
-        seen.append((kw["layer_name"], query.shape, key.shape, kw.get("text_first"), handle.tracker.layout))
-        return attend(query, key, value, **kw)
-
-    handle.core.attend = recording_attend
-    try:
-        run(model, inputs)
-    finally:
-        handle.remove()
-    assert sorted(name for name, *_ in seen) == sorted(family.sparse_modules)
-    for _, q_shape, k_shape, text_first, layout in seen:
-        assert q_shape == k_shape and q_shape[0] == BATCH and q_shape[2] == 2  # [B, S, H, D], video only
-        assert (layout.frames, layout.rows, layout.cols) == family.grid
-        assert layout.with_text(q_shape[1], text_first).text_tokens == 0 and text_first is None
+    calls = assert_layout_accounts_for_every_token(model, inputs, family.grid)  # video only: no text tokens
+    assert sorted(c.layer_name for c in calls) == sorted(family.sparse_modules)
 
 
 def test_skyreels_block_causal_mask_runs_dense_with_a_warning():
     # Asynchronous diffusion forcing: 2-frame causal blocks give attn1 a boolean mask no block plan expresses.
-    torch.manual_seed(0)
-    model = _skyreels(num_frame_per_block=2).eval()
-    inputs = _skyreels_inputs(seed=2, frames=4)
-    reference = run(model, inputs)
-    handle = dit_sparse.apply(model, "full", 0.5, warmup_steps=0, warmup_layers=0, block_size=16)
-    try:
-        with pytest.warns(UserWarning, match="attention mask"):
-            out = run(model, inputs)
-        stats = handle.stats()
-    finally:
-        handle.remove()
-    assert torch.equal(out, reference)
-    assert stats["fallback_calls"] == 2 and stats["sparse_calls"] == 0
+    model = seeded_model(lambda: _skyreels(num_frame_per_block=2))
+    assert_falls_back_to_dense(model, _skyreels_inputs(model, seed=2, frames=4))
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
@@ -225,33 +172,17 @@ def _sparse_pipeline_run(pipe, transformer_attrs: tuple[str, ...], num_sparse_mo
     before = {a: processors(getattr(pipe, a)) for a in transformer_attrs}
     dense = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
     handle = dit_sparse.apply(pipe, "full", 0.5, warmup_steps=1, warmup_layers=0, block_size=16, backend="cpu")
-    calls = record_attention_calls(handle)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            sparse = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
-        stats = handle.stats()
-    finally:
-        dit_sparse.remove(pipe)
+    # Undone through the pipeline, which must restore every transformer's processors.
+    result = sparse_run(handle, lambda: pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames,
+                        undo=lambda: dit_sparse.remove(pipe))
     assert all(processors(getattr(pipe, a)) == before[a] for a in transformer_attrs)
     # Step 0 dense (warm-up), step 1 sparse, each for the cond and the uncond branch.
-    assert sorted(set(calls)) == [(attr, step, branch) for attr in sorted(transformer_attrs)
-                                  for step in (0, 1) for branch in ("cond", "uncond")]
+    assert sorted({(c.expert, c.step, c.branch) for c in result.calls}) == [
+        (attr, step, branch) for attr in sorted(transformer_attrs) for step in (0, 1) for branch in ("cond", "uncond")]
+    stats = result.stats
     assert stats["dense_calls"] == 2 * num_sparse_modules and stats["sparse_calls"] == 2 * num_sparse_modules
-    torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+    assert_close(result.output, dense)
     return stats
-
-
-def record_attention_calls(handle) -> list[tuple[str, int, str]]:
-    """(expert, step, CFG branch) of every self-attention call the handle's experts make from now on."""
-    calls: list[tuple[str, int, str]] = []
-    for name, expert in handle.experts.items():
-        def recording(query, key, value, _name=name, _expert=expert, _attend=expert.core.attend, **kw):
-            calls.append((_name, _expert.tracker.step, _expert.tracker.branch))
-            return _attend(query, key, value, **kw)
-
-        expert.core.attend = recording
-    return calls
 
 
 def test_skyreels_v2_pipeline_runs_sparse_with_cfg():

@@ -40,6 +40,18 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(evaluate, "load_model", refuse)
 
 
+def _refusal(argv: list[str], args: list[str], out_name: str, tmp_path, capsys) -> str:
+    """`dit-sparse` with `argv` then `args` (`{tmp}` is tmp_path; --out defaults to tmp_path / out_name): exit
+    code 2 and a one-line usage error of the subcommand, which is returned."""
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / out_name)]
+    rc = main([*argv, *args, *out])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"dit-sparse {argv[0]}: error:") and err.count("\n") == 1
+    return err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--out", "{tmp}/video.txt"], "has extension '.txt'; use a name ending in .mp4 or .gif"),
     (["--out", "{tmp}/video"], "has no extension; use a name ending in .mp4 or .gif"),
@@ -54,12 +66,7 @@ def no_model_load(monkeypatch):
     (["--cp", "0"], "--cp must be >= 1"),
 ])
 def test_generate_checks_every_argument_before_loading(args, message, tmp_path, capsys, no_model_load):
-    args = [a.format(tmp=tmp_path) for a in args]
-    out = [] if "--out" in args else ["--out", str(tmp_path / "v.mp4")]
-    rc = main(["generate", "--model", "tiny", *args, *out])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert message in err and err.startswith("dit-sparse generate: error:") and err.count("\n") == 1
+    assert message in _refusal(["generate", "--model", "tiny"], args, "v.mp4", tmp_path, capsys)
     assert not any(tmp_path.iterdir())
 
 
@@ -77,12 +84,8 @@ def test_generate_checks_every_argument_before_loading(args, message, tmp_path, 
 ])
 def test_eval_checks_every_argument_before_loading(args, message, tmp_path, capsys, no_model_load):
     (tmp_path / "blocker").write_text("a file where the report folder should go")
-    args = [a.format(tmp=tmp_path) for a in args]
-    out = [] if "--out" in args else ["--out", str(tmp_path / "report")]
-    rc = main(["eval", "--model", "tiny", "--methods", "full", "--sparsities", "0.5", *args, *out])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert message in err and err.startswith("dit-sparse eval: error:") and err.count("\n") == 1
+    argv = ["eval", "--model", "tiny", "--methods", "full", "--sparsities", "0.5"]
+    assert message in _refusal(argv, args, "report", tmp_path, capsys)
     assert not (tmp_path / "report").exists()
 
 

@@ -74,6 +74,21 @@ def check_batched_cfg_run(run: SparseRun, sparse_layers: int) -> None:
             assert not same, f"step {step}, {layer}: the uncond and cond halves got the same plan"
 
 
+def _batched_cfg_run(pipe, cond: torch.Tensor, uncond: torch.Tensor, height: int, width: int) -> SparseRun:
+    """9 frames at height x width with batched CFG over PROMPT and NEGATIVE (text [uncond, cond]), decoded to
+    frames and checked by `check_batched_cfg_run`; the caller checks the grid and sequence lengths."""
+
+    def call():
+        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=4.0, height=height, width=width,
+                    num_frames=9, num_inference_steps=STEPS, max_sequence_length=TEXT_TOKENS, generator=_generator(),
+                    output_type="np").frames
+
+    run = run_sparse(pipe, call, {"cond_uncond": torch.cat([uncond, cond])})
+    assert run.output.shape == (1, 9, height, width, 3)
+    check_batched_cfg_run(run, sparse_layers=2)
+    return run
+
+
 # ---------------------------------------------------------------------------------------------- tests
 def test_hunyuan_video_pipeline_runs_sparse_with_true_cfg():
     # HunyuanVideoPipeline (Diffusers 0.42) is guidance-distilled (the guidance scale is embedded) and also does
@@ -117,15 +132,7 @@ def test_cogvideox_pipeline_runs_sparse_with_batched_cfg():
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(PROMPT, NEGATIVE, do_classifier_free_guidance=True,
                                           max_sequence_length=TEXT_TOKENS, device=CPU)
-
-    def call():
-        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=4.0, height=80, width=96, num_frames=9,
-                    num_inference_steps=STEPS, max_sequence_length=TEXT_TOKENS, generator=_generator(),
-                    output_type="np").frames
-
-    run = run_sparse(pipe, call, {"cond_uncond": torch.cat([uncond, cond])})
-    assert run.output.shape == (1, 9, 80, 96, 3)
-    check_batched_cfg_run(run, sparse_layers=2)
+    run = _batched_cfg_run(pipe, cond, uncond, height=80, width=96)
     # 9 frames at 80 x 96: 3 x 10 x 12 latents, patch 2 -> 3 x 5 x 6 = 90 video tokens after the text.
     assert run.grids() == {0: {(3, 5, 6)}, 1: {(3, 5, 6)}}
     assert _seq_lens(run) == {"cond_uncond": {(TEXT_TOKENS + 90, TEXT_TOKENS + 90)}}
@@ -137,15 +144,7 @@ def test_ltx_video_pipeline_runs_sparse_with_batched_cfg():
         cond, cond_mask, uncond, uncond_mask = pipe.encode_prompt(
             PROMPT, NEGATIVE, do_classifier_free_guidance=True, max_sequence_length=TEXT_TOKENS, device=CPU)
     assert int(cond_mask.sum()) == TEXT_TOKENS > int(uncond_mask.sum())  # the text mask is cross-attention's
-
-    def call():
-        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=4.0, height=32, width=64, num_frames=9,
-                    num_inference_steps=STEPS, max_sequence_length=TEXT_TOKENS, generator=_generator(),
-                    output_type="np").frames
-
-    run = run_sparse(pipe, call, {"cond_uncond": torch.cat([uncond, cond])})
-    assert run.output.shape == (1, 9, 32, 64, 3)
-    check_batched_cfg_run(run, sparse_layers=2)
+    run = _batched_cfg_run(pipe, cond, uncond, height=32, width=64)
     # 9 frames at 32 x 64 through the tiny VAE (x4 spatial, x4 temporal), patch 1: 3 x 8 x 16 video tokens; the
     # self-attention (attn1) holds no text.
     assert run.grids() == {0: {(3, 8, 16)}, 1: {(3, 8, 16)}}
