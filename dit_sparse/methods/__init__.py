@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any
 
 from dit_sparse.config import ConfigError
@@ -42,10 +41,23 @@ def method_class(name: str) -> type[SparseMethod]:
     return methods[name]
 
 
+def _split_outside_brackets(text: str) -> list[str]:
+    """`text` cut at the commas that are not inside square brackets, each piece stripped, empty ones dropped."""
+    pieces, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            pieces.append(text[start:i])
+            start = i + 1
+    pieces.append(text[start:])
+    return [p.strip() for p in pieces if p.strip()]
+
+
 def split_method_options(spec: str) -> tuple[str, dict[str, Any]]:
     """'semantic[replan_every=5,top_p=0.95]' -> ("semantic", {"replan_every": 5, "top_p": 0.95}).
 
-    Values are JSON when they parse as JSON (numbers, true/false, lists), strings otherwise.
+    Values are JSON when they parse as JSON (numbers, true/false, lists such as
+    `candidates=["spatial","radial"]`), strings otherwise.
     """
     if "[" not in spec:
         return spec, {}
@@ -53,7 +65,7 @@ def split_method_options(spec: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"method spec {spec!r}: options go in brackets at the end, e.g. 'semantic[top_p=0.95]'")
     name, rest = spec[:-1].split("[", 1)
     opts: dict[str, Any] = {}
-    for item in filter(None, (x.strip() for x in rest.split(","))):
+    for item in _split_outside_brackets(rest):
         if "=" not in item:
             raise ConfigError(f"method spec {spec!r}: expected KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
@@ -66,7 +78,7 @@ def split_method_options(spec: str) -> tuple[str, dict[str, Any]]:
 
 def split_method_list(text: str) -> list[str]:
     """'semantic[a=1,b=2],pooled' -> ['semantic[a=1,b=2]', 'pooled'] (commas inside brackets kept)."""
-    return [m.strip() for m in re.split(r",(?![^\[]*\])", text) if m.strip()]
+    return _split_outside_brackets(text)
 
 
 def parse_method(spec: str) -> list[type[SparseMethod]]:

@@ -9,6 +9,15 @@ def test_split_method_list_keeps_commas_inside_brackets():
         "semantic[top_p=0.9,replan_every=5]", "pooled", "window3d[pattern=spatial]"]
 
 
+def test_list_options_keep_their_commas():
+    specs = split_method_list('window3d[candidates=["spatial","radial"],sample_rows=128], pooled[top_p=0.8]')
+    assert specs == ['window3d[candidates=["spatial","radial"],sample_rows=128]', "pooled[top_p=0.8]"]
+    name, opts = split_method_options(specs[0])
+    assert name == "window3d" and opts == {"candidates": ["spatial", "radial"], "sample_rows": 128}
+    method, _ = build_method(name, 0.9, opts)
+    assert method.options.candidates == ("spatial", "radial")
+
+
 def test_split_method_options_parses_json_values_and_strings():
     assert split_method_options("semantic") == ("semantic", {})
     name, opts = split_method_options("window3d[pattern=spatial,block=128,first_frame_sink=true]")
