@@ -1,4 +1,4 @@
-"""Launch settings of the k-means Triton kernels (`dit_sparse.kmeans_triton`) on one GPU, timed one by one.
+"""Launch settings of the k-means Triton kernels (`dit_sparse.kernels.kmeans`) on one GPU, timed one by one.
 
 Times `assign` (block of points, block of centroids, warps) and `segment_sum` (rows per program, warps)
 on [B, H, S, D] bf16 points with the cluster counts semantic uses at that length (Wan2.1-1.3B 480p by

@@ -82,7 +82,7 @@ def split_method_list(text: str) -> list[str]:
 
 
 def parse_method(spec: str) -> list[type[SparseMethod]]:
-    """'semantic+skip' -> [SemanticPermutation, TileSkipCache] (base first, then wrappers)."""
+    """'semantic+skip' -> [SemanticPermutation, SkipCache] (base first, then wrappers)."""
     classes = [method_class(part.strip()) for part in spec.split("+")]
     for i, cls in enumerate(classes):
         if (i == 0) == cls.wraps:
