@@ -1,7 +1,7 @@
 """Attention of a few sampled query rows summed per key block, in one pass over the keys and values.
 
 window3d chooses each head's pattern by comparing, on a few sampled query rows, the attention output
-under each candidate mask with the exact one (`dit_sparse.head_search`). With fixed key blocks every
+under each candidate mask with the exact one (`dit_sparse.methods.window3d.head_search`). With fixed key blocks every
 candidate's output is a masked sum of per-block partial results, so all that is needed from the keys is,
 for each row r and key block n:
 
