@@ -104,18 +104,17 @@ class ReusedPlan:
     steps in between cost only the attention itself.
     """
 
-    signature: Any = None
+    signature: Any = None  # None until the first plan is built (signatures are tuples)
     step: int = 0
     plan: BlockPlan | None = None
-    built: bool = False
 
     def get(self, signature: Any, step: int, every: int, build: Callable[[], BlockPlan | None]
             ) -> BlockPlan | None:
         """The kept plan if it was built fewer than `every` steps before `step` for `signature`; otherwise
         a new one from `build()`, kept and returned."""
-        if self.built and self.signature == signature and 0 <= step - self.step < every:
+        if self.signature is not None and self.signature == signature and 0 <= step - self.step < every:
             return self.plan
-        self.signature, self.step, self.plan, self.built = signature, step, build(), True
+        self.signature, self.step, self.plan = signature, step, build()
         return self.plan
 
 

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from dit_sparse.compiled import register_layer
+
 Tensor = torch.Tensor
 QKV = tuple[Tensor, Tensor, Tensor]
 RotaryEmb = tuple[Tensor, Tensor]  # (cos, sin) or (real, imaginary) rotary tables, as the model passes them
@@ -30,8 +32,6 @@ class SparseProcessorMixin:
     keeps_dispatch_settings: ClassVar[bool] = True
 
     def __init__(self, core: Any, layer: int, name: str, original: Any = None) -> None:
-        from dit_sparse.compiled import register_layer
-
         super().__init__()
         self.core = core
         self.layer = layer

@@ -11,8 +11,9 @@ vectors of very different length, whose logits (and softmax weights) differ most
 
 A Lloyd step is: assign (nearest centroid), stable sort of the labels, per-cluster mean read through
 the sort order. On CUDA with a power-of-two head dim, assignment and per-cluster sums are Triton
-kernels (`dit_sparse.kernels.kmeans`; distances never reach HBM, sums balanced over fixed chunks of the sorted
-order); elsewhere a batched PyTorch path runs the same maths. The last step's sort is returned: it is the token permutation the attention plan uses.
+kernels (`dit_sparse.kernels.kmeans`; distances never reach HBM, sums balanced over fixed chunks of the
+sorted order); elsewhere a batched PyTorch path runs the same maths. The last step's sort is returned:
+it is the token permutation the attention plan uses.
 Default seeds are tokens sampled at a fixed stride in natural order: deterministic, free, and spread
 over the whole video because video tokens are laid out frame by frame; k-means++ seeding on a
 subsample is available for cold starts (better on well-separated data, K sequential small steps).

@@ -134,7 +134,7 @@ class SemanticState(LayerState):
 
     def warm_for(self, signature: tuple) -> bool:
         """Whether the kept centroids can warm-start k-means on inputs of this signature."""
-        return self.q_centroids is not None and self.signature == signature
+        return self.signature == signature  # set with the centroids; None before the first k-means
 
 
 @register_method

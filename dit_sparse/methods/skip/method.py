@@ -167,7 +167,7 @@ class SkipCache(SparseMethod):
         cap = torch.floor(base_counts.float() * opts.max_skip).to(torch.int32)
         if state.bits is None:  # first sparse call (or after invalidation): the full base plan fills the cache
             state.updates += 1
-            state.pending = {"tol": tol, "cap_left": cap, "base_counts": base_counts}
+            state.pending = {"tol": tol, "cap_left": cap}
             self._count(layer_name, base_counts, base_counts)
             return base_plan
         learning = call % opts.update_every == 0
@@ -199,7 +199,7 @@ class SkipCache(SparseMethod):
         state.version += 1
         state.budget = torch.where(forced, torch.zeros_like(state.budget), state.budget)
         skipped = torch.where(forced, torch.zeros_like(skipped), skipped)
-        state.pending = {"tol": tol, "cap_left": (cap - skipped).clamp_min(0), "base_counts": base_counts}
+        state.pending = {"tol": tol, "cap_left": (cap - skipped).clamp_min(0)}
         exec_counts = torch.where(forced, base_counts, kept_counts)
         self._count(layer_name, base_counts, exec_counts)
         return base_plan.with_mask(exec_mask)

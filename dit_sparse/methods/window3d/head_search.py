@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dit_sparse.config import ConfigError
+from dit_sparse.kernels.block_sums import block_sums
 from dit_sparse.layout import VideoLayout
 
 from .patterns import TilePattern, range_mask
@@ -111,8 +112,6 @@ def _errors_by_block(q: Tensor, k: Tensor, v: Tensor, tiling: VideoTiling, row_m
     sums over [R, NR] instead of a masked copy and a softmax of the [R, S] logits per pattern. Keys not yet
     in the tiling's order are gathered into it.
     """
-    from dit_sparse.kernels.block_sums import block_sums
-
     B, H, S, D = q.shape
     P, R, NR = row_masks.shape
     m_sel = row_masks.to(torch.float32)  # [P, R, NR]
