@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from dit_sparse.kernels import priority
 from dit_sparse.kernels.top_p import top_p_members
 
 Tensor = torch.Tensor
@@ -97,35 +98,13 @@ def select_blocks(
     ks = k_sizes.long()
     fq = torch.zeros(B, H, NQ, dtype=torch.bool, device=dev) if force_q is None else force_q.expand(B, H, NQ)
     fk = torch.zeros(B, H, NK, dtype=torch.bool, device=dev) if force_k is None else force_k.expand(B, H, NK)
-    q_live = qs > 0
-    k_live = ks > 0
-    live = q_live[..., None] & k_live[..., None, :]
+    live = (qs > 0)[..., None] & (ks > 0)[..., None, :]
     forced = (fq[..., None] | fk[..., None, :]) & live
     cost = qs[..., None] * ks[..., None, :]  # pairs per block, int64
-
-    # Mass per block and each candidate's rank among its row's non-forced key ranges.
-    p = block_mass(logits, ks)
-    cand = live & ~forced
-    if top_p < 1.0:
-        in_top_p = top_p_members(p, cand, (p * forced).sum(-1, keepdim=True), top_p)
-    else:  # top_p = 1 is "every candidate" (float32 mass sums may reach 1.0 before the tail): no sort
-        in_top_p = cand
-
-    # Floor ranks follow the logit (= per-pair probability), not the mass: the guaranteed best key range
-    # of a query range is then the most attended one, not merely the largest.
-    # topk, not a full sort: only the first min_blocks ranks matter.
-    m = min(min_blocks, NK)
-    l_cand = torch.where(cand, logits.float(), torch.full_like(p, -math.inf))
-    top_idx = torch.topk(l_cand, m, dim=-1).indices  # descending: slot r holds rank r
-    l_ranks = torch.full(p.shape, NK, dtype=torch.long, device=dev)
-    l_ranks.scatter_(-1, top_idx, torch.arange(m, device=dev).expand_as(top_idx))
-    floor = cand & (l_ranks < m)
-    top = cand & in_top_p & ~floor
-    density = p / ks.clamp_min(1).float()[..., None, :]  # per-pair probability in [0, 1]
-    neg_log = (-torch.log(density.clamp_min(1e-30))).clamp(0.0, _LEVEL - 1.0)
-    key = torch.full_like(p, math.inf)
-    key = torch.where(floor, l_ranks.float() * _LEVEL + neg_log, key)
-    key = torch.where(top, min_blocks * _LEVEL + neg_log, key)
+    if priority.use_kernel(logits):  # one program per query range (kernels/priority.py)
+        key = priority.priority_keys(logits, qs, ks, fq, fk, top_p, min_blocks, _LEVEL)
+    else:
+        key = _priority_keys_torch(logits, ks, forced, live, top_p, min_blocks)
 
     # Greedy prefix in priority order, per budget pool.
     pool_shape = (B, H, NQ * NK) if budget_scope == "head" else (B, 1, H * NQ * NK)
@@ -140,6 +119,34 @@ def select_blocks(
     take = torch.isfinite(key_sorted) & ((cum <= allowed - spent) | (key_sorted < _LEVEL))
     chosen = torch.zeros_like(take).scatter_(-1, idx, take).reshape(B, H, NQ, NK)
     return chosen | forced
+
+
+def _priority_keys_torch(logits: Tensor, ks: Tensor, forced: Tensor, live: Tensor, top_p: float,
+                         min_blocks: int) -> Tensor:
+    """Sort key per block (inf = not a candidate): floor candidates by logit rank, then top-p candidates,
+    each level ordered by -log(per-pair probability). The PyTorch twin of `kernels/priority.py`."""
+    NK = logits.shape[-1]
+    p = block_mass(logits, ks)
+    cand = live & ~forced
+    if top_p < 1.0:
+        in_top_p = top_p_members(p, cand, (p * forced).sum(-1, keepdim=True), top_p)
+    else:  # top_p = 1 is "every candidate" (float32 mass sums may reach 1.0 before the tail): no sort
+        in_top_p = cand
+    # Floor ranks follow the logit (= per-pair probability), not the mass: the guaranteed best key range
+    # of a query range is then the most attended one, not merely the largest.
+    # topk, not a full sort: only the first min_blocks ranks matter.
+    m = min(min_blocks, NK)
+    l_cand = torch.where(cand, logits.float(), torch.full_like(p, -math.inf))
+    top_idx = torch.topk(l_cand, m, dim=-1).indices  # descending: slot r holds rank r
+    l_ranks = torch.full(p.shape, NK, dtype=torch.long, device=logits.device)
+    l_ranks.scatter_(-1, top_idx, torch.arange(m, device=logits.device).expand_as(top_idx))
+    floor = cand & (l_ranks < m)
+    top = cand & in_top_p & ~floor
+    density = p / ks.clamp_min(1).float()[..., None, :]  # per-pair probability in [0, 1]
+    neg_log = (-torch.log(density.clamp_min(1e-30))).clamp(0.0, _LEVEL - 1.0)
+    key = torch.full_like(p, math.inf)
+    key = torch.where(floor, l_ranks.float() * _LEVEL + neg_log, key)
+    return torch.where(top, min_blocks * _LEVEL + neg_log, key)
 
 
 def _cumsum(x: Tensor, width: int = 256) -> Tensor:
