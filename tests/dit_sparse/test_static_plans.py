@@ -44,14 +44,11 @@ def no_host_reads():
         _restore()
 
 
-def _executor_allowed(monkeypatch):
-    """The CPU reference executor may read values (it is the CPU path; GPU kernels are checked on a GPU):
-    reads are allowed inside it and forbidden again after it."""
-    import dit_sparse.core as core_mod
+def _allow_reads_in(monkeypatch, owner, name):
+    """Allow value reads inside `owner.name` (forbidden again after it returns)."""
+    real = getattr(owner, name)
 
-    real = core_mod.run_backend
-
-    def run(*args, **kwargs):
+    def allowed(*args, **kwargs):
         forbidden = {n: getattr(torch.Tensor, n) for n in _READS}
         _restore()
         try:
@@ -60,7 +57,19 @@ def _executor_allowed(monkeypatch):
             for n, fn in forbidden.items():
                 setattr(torch.Tensor, n, fn)
 
-    monkeypatch.setattr(core_mod, "run_backend", run)
+    monkeypatch.setattr(owner, name, allowed)
+
+
+def _executor_allowed(monkeypatch):
+    """Reads allowed where they are no GPU sync: the CPU reference executor (the CPU path; GPU kernels are
+    checked on a GPU) and `LaggedFlag`, which on a GPU reads pinned memory only after its copy finished
+    (`dit_sparse/lagged.py`; on the CPU it reads the value at once)."""
+    import dit_sparse.core as core_mod
+    from dit_sparse.lagged import LaggedFlag
+
+    _allow_reads_in(monkeypatch, core_mod, "run_backend")
+    _allow_reads_in(monkeypatch, LaggedFlag, "set")
+    _allow_reads_in(monkeypatch, LaggedFlag, "peek")
 
 
 def test_from_range_mask_has_static_width_and_python_lengths():

@@ -132,11 +132,14 @@ def sort_by_label(labels: Tensor, num_clusters: int) -> tuple[Tensor, Tensor]:
     n = labels.numel() // max(S, 1)
     # One stable 1-D sort of (problem, label) keys instead of a batched sort along the last dim: the
     # problems stay in order, so each problem's tokens land in its own slice of S positions.
+    # 16-bit keys where they fit: a radix sort makes one pass per key byte, so half the passes of int32
+    # (Wan-1.3B: 12 heads x 256 clusters).
+    kdt = torch.int16 if n * num_clusters < 2**15 else torch.int32
     problem = torch.arange(n, device=labels.device, dtype=torch.int32)[:, None]
-    keys = (labels.reshape(n, S).to(torch.int32) + problem * num_clusters).reshape(-1)
+    keys = (labels.reshape(n, S).to(torch.int32) + problem * num_clusters).reshape(-1).to(kdt)
     sorted_keys, order = torch.sort(keys, stable=True)
     perm = (order.reshape(n, S) - problem.long() * S).reshape(*lead, S)
-    bounds = (torch.arange(num_clusters + 1, device=labels.device, dtype=torch.int32) + problem * num_clusters)
+    bounds = (torch.arange(num_clusters + 1, device=labels.device, dtype=torch.int32) + problem * num_clusters).to(kdt)
     offsets = torch.searchsorted(sorted_keys, bounds.reshape(-1), out_int32=True).reshape(n, num_clusters + 1)
     offsets = offsets - problem * S
     return perm, offsets.reshape(*lead, num_clusters + 1)

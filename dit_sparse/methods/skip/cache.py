@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from dit_sparse.lagged import LaggedFlag
 from dit_sparse.plan import BlockPlan, token_to_range
 from dit_sparse.state import LayerState
 
@@ -125,10 +126,14 @@ class SkipState(LayerState):
     version: int = 0  # bumped whenever `bits` change: a cached executed plan is valid for one version
     pending: dict[str, Any] | None = field(default=None, repr=False)
     executed: tuple | None = field(default=None, repr=False)  # (base plan, version, plan run between updates)
+    empty: LaggedFlag = field(default_factory=LaggedFlag, repr=False)  # no skip cached after the last update
+    next_update: int = 0  # call index of the next learning call
+    interval: int = 0  # calls between the last two learning calls
 
     def clear(self) -> None:
         self.bits = self.budget = self.shape = self.q_hash = self.k_hash = None
         self.executed = None
+        self.empty.clear()
         self.version += 1
 
     def nbytes(self) -> int:

@@ -60,11 +60,17 @@ class SkipConfig:
         calls in between run the base plan minus the cached skips without statistics, on the fastest
         kernel (flash-attn-4 where it runs), reusing the same plan object while nothing changed. 1 (the
         default): every call learns. Re-checks then come every `recheck_every` learning calls.
+    max_idle_interval: while the cache holds no skip at all (nothing to re-verify), the interval between
+        learning calls doubles after each learning call, from `update_every` up to this many calls, and the
+        calls in between run the base plan itself; the first learning call that caches a skip restores
+        `update_every`. Learning needs the slower statistics kernel, so content where nothing is
+        negligible costs one such call in this many instead of every call. 1 = always `update_every`.
     """
 
     tol: float = 0.02
     recheck_every: int = 4
     update_every: int = 1
+    max_idle_interval: int = 16
     max_skip: float = 0.9
     drift_threshold: float = 0.2
     calibration: str | None = None
@@ -76,6 +82,9 @@ class SkipConfig:
             raise ConfigError(f"skip: recheck_every must be an integer >= 0 (0 = never), got {self.recheck_every!r}")
         if not (isinstance(self.update_every, int) and self.update_every >= 1):
             raise ConfigError(f"skip: update_every must be an integer >= 1 (1 = every call), got {self.update_every!r}")
+        if not (isinstance(self.max_idle_interval, int) and self.max_idle_interval >= 1):
+            raise ConfigError("skip: max_idle_interval must be an integer >= 1 (1 = never back off), got "
+                              f"{self.max_idle_interval!r}")
         if not (isinstance(self.max_skip, (int, float)) and 0.0 <= self.max_skip < 1.0):
             raise ConfigError(f"skip: max_skip must lie in [0, 1), got {self.max_skip!r}")
         if not (isinstance(self.drift_threshold, (int, float)) and 0.0 <= self.drift_threshold <= 1.0):
@@ -167,10 +176,19 @@ class SkipCache(SparseMethod):
         cap = torch.floor(base_counts.float() * opts.max_skip).to(torch.int32)
         if state.bits is None:  # first sparse call (or after invalidation): the full base plan fills the cache
             state.updates += 1
+            state.interval, state.next_update = opts.update_every, call + opts.update_every
             state.pending = {"tol": tol, "cap_left": cap}
             self._count(layer_name, base_counts, base_counts)
             return base_plan
-        learning = call % opts.update_every == 0
+        learning = call >= state.next_update
+        empty = state.empty.peek()  # True once the last learning call is known to have cached no skip
+        if learning:
+            idle = empty is True and opts.max_idle_interval > opts.update_every
+            state.interval = min(2 * state.interval, opts.max_idle_interval) if idle else opts.update_every
+            state.next_update = call + state.interval
+        elif empty is True:  # nothing cached: the base plan is the plan (no new plan object to prepare)
+            self._count(layer_name, base_counts, base_counts)
+            return base_plan
         if not learning and state.executed is not None:
             base, version, executed = state.executed
             if base is base_plan and version == state.version:  # nothing changed: the same plan object
@@ -232,6 +250,7 @@ class SkipCache(SparseMethod):
         state.bits = torch.cat(bits, 1)
         state.budget = torch.cat(budget, 1)
         state.version += 1
+        state.empty.set(~state.bits.bool().any())  # read by later calls once it has reached the host
 
     def _sync(self, state: SkipState, plan: BlockPlan, shape: tuple) -> None:
         """Drop the cache when the plan's shape changed; forget the skips of ranges whose tokens changed.

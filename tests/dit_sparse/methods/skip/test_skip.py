@@ -271,6 +271,45 @@ def test_update_every_learns_on_every_nth_call_and_reuses_the_plan_in_between(mo
         assert float(_skipped_mass_per_row(probs, plan, ~plan.block_mask()).max()) <= tol
 
 
+def test_an_empty_cache_backs_off_learning_and_runs_the_base_plan_itself():
+    """Where nothing is negligible (tol far below any tile's bound) the cache stays empty: learning calls
+    come at doubling intervals up to `max_idle_interval` (calls 0, 1, 3, 7, 15, 23 for update_every=1, cap
+    8), and the calls in between run the base plan object itself."""
+    q, k, v, _ = _clustered_qkv(seed=5)
+    method, ctx = _skip(tol=1e-30, max_idle_interval=8), _ctx()
+    learnt, plans = [], []
+    for _ in range(26):
+        plan = method.plan(q, k, v, ctx)
+        learnt.append(method.state_of(ctx).pending is not None)
+        res = reference_block_sparse_attention(q, k, v, plan, return_lse=True, return_tile_stats=True)
+        method.observe(ctx, plan, res)
+        plans.append(plan)
+    assert [i for i, x in enumerate(learnt) if x] == [0, 1, 3, 7, 15, 23]
+    base = method.base.plan(q, k, v, ctx)
+    assert all(torch.equal(p.block_mask(), base.block_mask()) for p in plans)
+    assert plans[4] is plans[5] is plans[6]  # the base plan object, no new plan to prepare
+
+
+def test_skips_found_restore_the_learning_cadence():
+    """Once a learning call caches skips, learning returns to every `update_every` calls (re-checks)."""
+    q, k, v, _ = _clustered_qkv(seed=4)
+    method, ctx = _skip(tol=0.02, update_every=2, max_idle_interval=16), _ctx()
+    learnt = []
+    for _ in range(9):
+        plan = method.plan(q, k, v, ctx)
+        learnt.append(method.state_of(ctx).pending is not None)
+        res = reference_block_sparse_attention(q, k, v, plan, return_lse=True, return_tile_stats=True)
+        method.observe(ctx, plan, res)
+    assert bool(method.state_of(ctx).bits.bool().any())
+    assert [i for i, x in enumerate(learnt) if x] == [0, 2, 4, 6, 8]
+
+
+def test_max_idle_interval_must_be_a_positive_integer():
+    for bad in (0, -2, 1.5, "4"):
+        with pytest.raises(ConfigError, match="max_idle_interval"):
+            SkipConfig(max_idle_interval=bad)
+
+
 # ---------------------------------------------------------------------------------------------- CFG
 def test_cfg_branches_keep_separate_caches_through_the_core():
     method, _ = build_method("full+skip", 0.5, {"tol": 0.02})
