@@ -126,15 +126,16 @@ def stepped_call(spec: str, shape: CallShape, sets: list, sparsity: float, backe
 
 def _cycle(spec: str) -> int:
     """Steps of one re-planning cycle of a method spec: the least common multiple of its replan_every,
-    window3d's classify_every and skip's update_every (each method of a chain repeats with its own period)."""
+    window3d's classify_every and skip's update_every and max_idle_interval (each method of a chain repeats with
+    its own period)."""
     chain, opts = split_method_options(spec)  # options apply to the whole chain ("window3d+skip[tol=0.1]")
     names = chain.split("+")
     n = int(opts.get("replan_every", 1))
     auto_heads = opts.get("pattern", "auto") == "auto" and "head_config" not in opts and "window" not in opts
     if names[0] == "window3d" and auto_heads:
         n = math.lcm(n, int(opts.get("classify_every", 5)))
-    if "skip" in names:
-        n = math.lcm(n, int(opts.get("update_every", 1)))
+    if "skip" in names:  # learning every update_every calls, or every max_idle_interval while nothing is cached
+        n = math.lcm(n, int(opts.get("update_every", 1)), int(opts.get("max_idle_interval", 16)))
     return max(n, 1)
 
 

@@ -12,9 +12,10 @@ from dit_sparse.eval.bench_call import _cycle
     ("window3d[pattern=spatial]", 1),
     ("window3d[classify_every=3]", 3),
     ("semantic[replan_every=3]", 3),
-    ("window3d+skip[update_every=4]", 20),
-    ("pooled+skip[update_every=3,replan_every=2]", 6),
-    ("full+skip", 1),
+    ("window3d+skip[update_every=4]", 80),  # skip's idle back-off: up to 16 calls between learning calls
+    ("pooled+skip[update_every=3,replan_every=2]", 48),
+    ("full+skip", 16),
+    ("full+skip[max_idle_interval=1,update_every=2]", 2),
 ])
 def test_cycle_covers_every_period_of_the_chain(spec: str, steps: int) -> None:
     assert _cycle(spec) == steps

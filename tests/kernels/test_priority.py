@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 import textwrap
 
+import pytest
 import torch
 from _interpreter import run_interpreted
+from dit_sparse.kernels import priority
 
 from dit_sparse.methods.budget import _LEVEL, _priority_keys_torch
 
@@ -83,3 +85,18 @@ _KERNEL_CHECK = textwrap.dedent(
 
 def test_triton_kernel_matches_torch_under_interpreter() -> None:
     run_interpreted(_KERNEL_CHECK, "ok 7")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_selection_matches_the_cpu_path() -> None:
+    """Whole selections at Wan-like row counts on the GPU kernel path equal the PyTorch path on the CPU."""
+    from dit_sparse.methods.budget import select_blocks
+
+    for seed, (nq, nk, top_p, mb) in enumerate([(64, 256, 1.0, 6), (40, 300, 0.9, 3), (9, 1024, 0.9, 21)]):
+        logits, qs, ks, fq, fk = _case(seed, nq, nk)
+        assert not priority.use_kernel(logits)  # CPU tensors take PyTorch here
+        for sparsity in (0.75, 0.9):
+            want = select_blocks(logits, qs, ks, sparsity, top_p=top_p, min_blocks=mb, force_q=fq, force_k=fk)
+            got = select_blocks(*(t.cuda() for t in (logits, qs, ks)), sparsity, top_p=top_p, min_blocks=mb,
+                                force_q=fq.cuda(), force_k=fk.cuda())
+            assert torch.equal(got.cpu(), want), (nq, nk, top_p, sparsity)
