@@ -99,7 +99,7 @@ def test_float32_cuda_inputs_run_the_models_dense_attention_with_one_warning():
 
 
 @pytest.mark.parametrize("spec", ["full", "window3d", "window3d[block=128]", "semantic", "semantic[layout=clusters]",
-                                  "pooled", "window3d+skip"])
+                                  "pooled", "window3d+skip", "window3d+skip[update_every=3]"])
 def test_warm_sparse_calls_do_not_synchronise(spec):
     from dit_sparse.config import SparseConfig, WarmupConfig
     from dit_sparse.core import SparseAttentionCore
