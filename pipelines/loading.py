@@ -77,10 +77,19 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype | None = Non
         return _load_bundled(device, dtype)
     if model == TINY:
         return _load_tiny(device)
+    if _looks_like_path(model) and not Path(model).expanduser().exists():
+        raise ModelLoadError(f"model folder {model!r} does not exist; check the path (a Hugging Face Hub id "
+                             f"looks like org/name, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)")
     if is_reference_folder(model):
         return _load_reference(Path(model), device, dtype, f"reference video DiT from {model}",
                                f"reference model (ReferenceVideoPipeline) at {model}")
     return _load_diffusers(model, device, dtype)
+
+
+def _looks_like_path(model: str) -> bool:
+    """True for names that can only be a local path: absolute, relative with ./ ../ ~, or with two or more
+    slashes (a Hub id is org/name)."""
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") >= 2 or model.endswith("/")
 
 
 def pipeline_class_name(folder: str | Path) -> str | None:

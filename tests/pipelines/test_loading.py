@@ -77,6 +77,17 @@ def test_folder_without_weights_says_how_to_get_them(reference_folder, tmp_path,
         load_model(str(broken), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("name", ["/no/such/model", "./missing", "runs/a/b", "~/nothing-here-12345/"])
+def test_a_missing_folder_is_named_before_anything_loads(name, tmp_path, capsys, monkeypatch):
+    import diffusers
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
+                        lambda *a, **k: pytest.fail("a missing folder must not reach Diffusers"))
+    rc = main(["generate", "--model", name, "--steps", "2", "--out", str(tmp_path / "v.mp4")])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_resolve_device_refuses_what_is_not_a_device():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ModelLoadError, match="not a device; use auto, cpu, cuda or cuda:N"):
