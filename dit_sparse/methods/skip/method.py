@@ -186,7 +186,10 @@ class SkipCache(SparseMethod):
             idle = empty is True and opts.max_idle_interval > opts.update_every
             state.interval = min(2 * state.interval, opts.max_idle_interval) if idle else opts.update_every
             state.next_update = call + state.interval
-        elif empty is True:  # nothing cached: the base plan is the plan (no new plan object to prepare)
+        if empty is True:  # nothing cached: the base plan is the plan (no new plan object to prepare)
+            if learning:  # every row runs its whole base row, as a re-check would
+                state.updates += 1
+                state.pending = {"tol": tol, "cap_left": cap}
             self._count(layer_name, base_counts, base_counts)
             return base_plan
         if not learning and state.executed is not None:

@@ -274,7 +274,7 @@ def test_update_every_learns_on_every_nth_call_and_reuses_the_plan_in_between(mo
 def test_an_empty_cache_backs_off_learning_and_runs_the_base_plan_itself():
     """Where nothing is negligible (tol far below any tile's bound) the cache stays empty: learning calls
     come at doubling intervals up to `max_idle_interval` (calls 0, 1, 3, 7, 15, 23 for update_every=1, cap
-    8), and the calls in between run the base plan object itself."""
+    8), and every call runs the base plan object itself (nothing to take out of it)."""
     q, k, v, _ = _clustered_qkv(seed=5)
     method, ctx = _skip(tol=1e-30, max_idle_interval=8), _ctx()
     learnt, plans = [], []
@@ -286,8 +286,7 @@ def test_an_empty_cache_backs_off_learning_and_runs_the_base_plan_itself():
         plans.append(plan)
     assert [i for i, x in enumerate(learnt) if x] == [0, 1, 3, 7, 15, 23]
     base = method.base.plan(q, k, v, ctx)
-    assert all(torch.equal(p.block_mask(), base.block_mask()) for p in plans)
-    assert plans[4] is plans[5] is plans[6]  # the base plan object, no new plan to prepare
+    assert all(p is base for p in plans)  # learning or not: the base plan object, no new plan to prepare
 
 
 def test_skips_found_restore_the_learning_cadence():
