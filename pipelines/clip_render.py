@@ -32,7 +32,10 @@ def _shape_sdf(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: torch
     return torch.gather(all_sdf, 0, shape.unsqueeze(0).expand_as(all_sdf[:1]).clone())[0]
 
 
-def render(spec: SpecBatch, num_frames: int = 16, size: int = 64) -> torch.Tensor:
+CLIP_SIZE = 64  # canvas side in pixels; paths and radii are drawn for it (clip_motion.py)
+
+
+def render(spec: SpecBatch, num_frames: int = 16, size: int = CLIP_SIZE) -> torch.Tensor:
     """Render clips on the spec's device: returns [B, 3, F, H, W] in [-1, 1] (Diffusers video layout)."""
     dev = spec.start.device
     b = len(spec)

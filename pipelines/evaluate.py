@@ -20,7 +20,7 @@ from dit_sparse.config import ConfigError, check_sparsity
 from dit_sparse.methods import split_method_list, split_method_options
 
 from .adapters import UnsupportedModelError
-from .loading import BUNDLED, ModelLoadError, load_model, resolve_device
+from .loading import BUNDLED, ModelLoadError, load_model, reference_clip_frames, resolve_device
 from .runner import RunSettings, check_applies, check_run, parse_options, timed_generation
 
 FRAME_INDICES = 4  # frames shown side by side in the report
@@ -51,7 +51,8 @@ def _prompt_set(ns: argparse.Namespace) -> tuple[list[str], list[Any] | None]:
     """Prompts, and their ground truths when the bundled model's held-out set is used."""
     if ns.prompt:
         return list(ns.prompt), None
-    if ns.model != BUNDLED:
+    frames = reference_clip_frames(ns.model)
+    if frames is None:  # not one of our reference models: no ground truth to score against
         from .generate import DEFAULT_PROMPT
 
         return [DEFAULT_PROMPT], None
@@ -62,7 +63,7 @@ def _prompt_set(ns: argparse.Namespace) -> tuple[list[str], list[Any] | None]:
     n = min(ns.prompts, len(spec_prompts(specs)))
     idx = list(range(n))
     sub = specs.index(idx)
-    return spec_prompts(sub), clip_truths(sub)
+    return spec_prompts(sub), clip_truths(sub, frames)
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -92,6 +92,18 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or model.count("/") >= 2 or model.endswith("/")
 
 
+def reference_clip_frames(model: str) -> int | None:
+    """Frames per clip of a reference model ("bundled" or a folder `train-reference` wrote), None for any
+    other model. Read from model_index.json (older folders without the entry make 16)."""
+    folder = assets_dir() / "reference-video-dit" if model == BUNDLED else Path(model)
+    if model != BUNDLED and not is_reference_folder(folder):
+        return None
+    try:
+        return int(json.loads((folder / "model_index.json").read_text()).get("num_frames", 16))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 16 if model == BUNDLED else None
+
+
 def pipeline_class_name(folder: str | Path) -> str | None:
     """The `_class_name` in `folder`/model_index.json, or None when there is no readable index."""
     index = Path(folder) / "model_index.json"

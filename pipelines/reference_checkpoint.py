@@ -25,7 +25,8 @@ def trainer_state(trainer: Trainer, minutes: float, history: list) -> dict:
         "step": trainer.step,
         "minutes": minutes,
         "history": history,
-        "model": {"tiny": trainer.args.tiny, "params": [tuple(p.shape) for p in trainer.params]},
+        "model": {"tiny": trainer.args.tiny, "frames": trainer.args.frames, "patch": trainer.args.patch,
+                  "params": [tuple(p.shape) for p in trainer.params]},
         "params": [p.detach().cpu() for p in trainer.params],
         "ema": None if trainer.ema is None else [e.cpu() for e in trainer.ema],
         "opt": trainer.opt.state_dict(),
@@ -41,7 +42,12 @@ def load_trainer_state(trainer: Trainer, state: dict) -> None:
         raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (format {state.get('format')!r})")
     shapes = [tuple(p.shape) for p in trainer.params]
     if state["model"]["params"] != shapes:
-        raise ValueError("the checkpoint holds another model size (--tiny differs?): start without --resume")
+        raise ValueError("the checkpoint holds another model size (--tiny or --patch differs?): start without "
+                         "--resume, or pass the options it was trained with")
+    saved = (state["model"].get("frames", 16), state["model"].get("patch", 4))  # older checkpoints: 16 / 4
+    if saved != (trainer.args.frames, trainer.args.patch):
+        raise ValueError(f"the checkpoint was trained with --frames {saved[0]} --patch {saved[1]}, this run asks for "
+                         f"--frames {trainer.args.frames} --patch {trainer.args.patch}: pass the same clip geometry")
     with torch.no_grad():
         for p, saved in zip(trainer.params, state["params"]):
             p.copy_(saved)

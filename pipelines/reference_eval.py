@@ -65,7 +65,7 @@ def attention_concentration(pipe: ReferenceVideoPipeline, n: int = 4, t: float =
     """Block-attention concentration of every layer at noise level t on held-out ground-truth clips."""
     device = pipe.transformer.device
     spec = heldout_specs().index(list(range(n)))
-    x0 = render(spec.to(device)).float()
+    x0 = render(spec.to(device), num_frames=pipe.config.num_frames).float()
     gen = torch.Generator(device=device).manual_seed(0)
     xt = (1 - t) * x0 + t * torch.randn(x0.shape, device=device, generator=gen)
     emb = pipe.encode_prompt(spec_prompts(spec), device)
@@ -104,10 +104,14 @@ def generate(
 
 def evaluate(pipes: dict[str, ReferenceVideoPipeline], args: argparse.Namespace, out: Path | None) -> dict:
     """Sweep weights x guidance x shift; choose on a validation set, report the held-out set for each."""
+    frames = {pipe.config.num_frames for pipe in pipes.values()}
+    if len(frames) != 1:
+        raise ValueError(f"pipelines to compare make clips of different lengths: {sorted(frames)} frames")
+    n_frames = frames.pop()
     held = heldout_specs()
-    held_truth = clip_truths(held)
+    held_truth = clip_truths(held, n_frames)
     val = sample_specs(64, torch.Generator().manual_seed(VALIDATION_SEED), exclude_prompts=heldout_prompts())
-    val_truth = clip_truths(val)
+    val_truth = clip_truths(val, n_frames)
     rows = []
     best = None
     for wname, pipe in pipes.items():

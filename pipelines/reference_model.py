@@ -89,9 +89,14 @@ class ReferenceVideoPipeline(DiffusionPipeline):
         transformer: WanTransformer3DModel,
         text_encoder: ReferenceTextEncoder,
         scheduler: FlowMatchEulerDiscreteScheduler,
+        num_frames: int = 16,
+        height: int = 64,
+        width: int = 64,
     ) -> None:
         super().__init__()
         self.register_modules(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
+        # The clip size the model was trained on (saved in model_index.json): what a call makes by default.
+        self.register_to_config(num_frames=num_frames, height=height, width=width)
         self._current_timestep = None
         self._guidance_scale = 1.0
 
@@ -135,16 +140,20 @@ class ReferenceVideoPipeline(DiffusionPipeline):
         num_inference_steps: int = 30,
         guidance_scale: float = DEFAULT_GUIDANCE,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_frames: int = 16,
-        height: int = 64,
-        width: int = 64,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
     ) -> ReferenceVideoPipelineOutput | tuple:
         """Generate videos for `prompt` (str or list). `negative_prompt` defaults to the empty prompt,
-        which is what the model saw in its 10% unconditional training. Returns frames in [0, 1]."""
+        which is what the model saw in its 10% unconditional training. `num_frames`, `height`, `width`
+        default to the clip size the model was trained on. Returns frames in [0, 1]."""
+        num_frames = self.config.num_frames if num_frames is None else num_frames
+        height = self.config.height if height is None else height
+        width = self.config.width if width is None else width
         p_t, p_h, p_w = self.transformer.config.patch_size
         if height % p_h or width % p_w or num_frames % p_t:
             raise ValueError(f"height/width must be multiples of {p_h}/{p_w}, got {height}x{width}")

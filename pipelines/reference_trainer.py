@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip_prompts import spec_prompts
-from .clip_render import render
+from .clip_render import CLIP_SIZE, render
 from .reference_checkpoint import resume, save_checkpoint
 from .reference_model import ReferenceVideoPipeline, build_scheduler, build_text_encoder, build_transformer
 from .video_data import heldout_prompts, sample_specs
@@ -31,7 +31,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
         self.args, self.device = args, device
         torch.manual_seed(args.seed)
-        self.transformer = build_transformer(args.tiny).to(device)
+        self.transformer = build_transformer(args.tiny, **transformer_overrides(args)).to(device)
         self.text_encoder = build_text_encoder(args.tiny).to(device)
         self.params = [p for m in (self.transformer, self.text_encoder) for p in m.parameters()]
         self.opt = torch.optim.AdamW(
@@ -53,7 +53,7 @@ class Trainer:
         ids = self.text_encoder.tokenize(spec_prompts(spec))
         drop = torch.rand(a.batch, generator=self.data_gen) < a.cfg_drop
         ids[drop] = self.empty_ids
-        x0 = render(spec.to(self.device))
+        x0 = render(spec.to(self.device), num_frames=a.frames)
         return x0, ids.to(self.device, non_blocking=True)
 
     def lr_at(self, step: int, progress: float) -> float:
@@ -93,14 +93,20 @@ class Trainer:
 
     def pipeline(self, use_ema: bool, dtype: torch.dtype = torch.bfloat16) -> ReferenceVideoPipeline:
         """A pipeline holding a copy of the current (or EMA) weights in `dtype`."""
-        tr, te = build_transformer(self.args.tiny), build_text_encoder(self.args.tiny)
+        tr, te = build_transformer(self.args.tiny, **transformer_overrides(self.args)), build_text_encoder(self.args.tiny)
         src = self.ema if (use_ema and self.ema is not None) else [p.detach() for p in self.params]
         dst = [p for m in (tr, te) for p in m.parameters()]
         with torch.no_grad():
             for d, s in zip(dst, src):
                 d.copy_(s.cpu())
-        pipe = ReferenceVideoPipeline(_cast(tr, dtype), _cast(te, dtype), build_scheduler())
+        pipe = ReferenceVideoPipeline(_cast(tr, dtype), _cast(te, dtype), build_scheduler(), num_frames=self.args.frames,
+                                      height=CLIP_SIZE, width=CLIP_SIZE)
         return pipe.to(self.device)
+
+
+def transformer_overrides(args: argparse.Namespace) -> dict:
+    """Transformer config entries set by the clip geometry options (`--patch`)."""
+    return {"patch_size": (1, args.patch, args.patch)}
 
 
 def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -58,6 +58,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of empty prompts")
     p.add_argument("--two-object-prob", type=float, default=0.3)
     p.add_argument("--pan-prob", type=float, default=0.25)
+    p.add_argument("--frames", type=int, default=16,
+                   help="frames per clip (tokens = frames x (64 / patch)^2; 16 -> 4,096 with patch 4)")
+    p.add_argument("--patch", type=int, default=4, choices=[1, 2, 4, 8], help="spatial patch size of the transformer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="toy-size model (CPU smoke tests only)")
     p.add_argument("--compile", choices=["none", "blocks"], default="blocks", help="regional torch.compile")
@@ -69,7 +72,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-steps", type=int, default=30)
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 5.0, 8.0])
     p.add_argument("--shift", type=float, nargs="+", default=[1.0, 3.0])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.frames < 2:
+        p.error(f"--frames must be at least 2 (motion needs frames), got {args.frames}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

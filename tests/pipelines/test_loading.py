@@ -104,3 +104,25 @@ def test_pipelines_that_need_more_than_a_prompt_are_named():
     assert "needs image" in prompt_only_problem(diffusers.ChronoEditPipeline)
     assert "conditions on an image or a video" in prompt_only_problem(diffusers.Cosmos2VideoToWorldPipeline)
     assert prompt_only_problem(diffusers.CogVideoXVideoToVideoPipeline) is not None
+
+
+def test_reference_clip_frames_reads_the_folder(reference_folder, tmp_path):
+    from dit_sparse.pipelines.loading import reference_clip_frames
+
+    assert reference_clip_frames(str(reference_folder)) == 16
+    pipe = rm.ReferenceVideoPipeline(rm.build_transformer(tiny=True, patch_size=(2, 8, 8)),
+                                     rm.build_text_encoder(tiny=True), rm.build_scheduler(), num_frames=8)
+    save_pipeline(pipe, tmp_path / "eight")
+    assert reference_clip_frames(str(tmp_path / "eight")) == 8
+    assert reference_clip_frames("tiny") is None and reference_clip_frames(str(tmp_path / "nothing")) is None
+    if (rm.DEFAULT_PATH / "model_index.json").is_file():
+        assert reference_clip_frames("bundled") == 16
+
+
+def test_eval_scores_adherence_on_a_train_reference_folder(reference_folder, tmp_path, capsys):
+    out = tmp_path / "report"
+    rc = main(["eval", "--model", str(reference_folder), "--methods", "full", "--sparsities", "0.5",
+               "--prompts", "1", "--steps", "1", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert all("adherence" in r for r in rows)

@@ -143,3 +143,38 @@ def test_training_resumed_from_a_checkpoint_continues_exactly(tmp_path):
     other = tr._parse(["--steps", "1", "--batch", "2", "--compile", "none", "--checkpoint", str(ckpt), "--resume"])
     with pytest.raises(ValueError, match="another model size"):
         tr.train(other, torch.device("cpu"))
+
+
+def test_clip_geometry_options_train_and_save_the_native_clip_size(tmp_path):
+    """`--frames` and `--patch` set the training clips and the transformer's patch; the saved pipeline makes
+    clips of that size by default, and the concentration probe renders clips of its length."""
+    out = tmp_path / "ref"
+    rc = tr.main(["--tiny", "--steps", "1", "--batch", "2", "--compile", "none", "--out", str(out),
+                  "--frames", "4", "--patch", "8"])
+    assert rc == 0
+    loaded = rm.load_reference_pipeline(out, device="cpu", dtype=torch.float32)
+    loaded.set_progress_bar_config(disable=True)
+    assert tuple(loaded.transformer.config.patch_size) == (1, 8, 8)
+    assert (loaded.config.num_frames, loaded.config.height, loaded.config.width) == (4, 64, 64)
+    frames = loaded("a red disc moves up on a dark cloudy background", num_inference_steps=1).frames
+    assert frames.shape == (1, 4, 64, 64, 3)
+    from dit_sparse.pipelines.reference_eval import attention_concentration
+
+    conc = attention_concentration(loaded, n=1)  # 4 frames x 8 x 8 tokens = 4 blocks of 64
+    assert len(conc) == 2 and all(0.0 < c["density_for_90%"] <= 1.0 for c in conc.values())
+
+
+def test_resume_refuses_another_clip_geometry(tmp_path):
+    ckpt = tmp_path / "state.pt"
+    common = ["--tiny", "--batch", "2", "--compile", "none", "--checkpoint", str(ckpt)]
+    tr.train(tr._parse(common + ["--steps", "1", "--frames", "4"]), torch.device("cpu"))
+    with pytest.raises(ValueError, match="--frames 4 --patch 4"):
+        tr.train(tr._parse(common + ["--steps", "2", "--resume", "--frames", "8"]), torch.device("cpu"))
+    with pytest.raises(ValueError, match="another model size"):
+        tr.train(tr._parse(common + ["--steps", "2", "--resume", "--frames", "4", "--patch", "8"]), torch.device("cpu"))
+
+
+def test_frames_below_two_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        tr._parse(["--frames", "1"])
+    assert "--frames must be at least 2" in capsys.readouterr().err
