@@ -20,7 +20,7 @@ def test_help_lists_subcommands(capsys):
     (["generate", "--sparsity", "1.0"], "[0, 1)"),
     (["generate", "--method", "nope"], "unknown method 'nope'"),
     (["generate", "--method", "semantic", "--opt", "colour=red"], "unknown option"),
-    (["generate", "--model", "/definitely/not/here"], "could not load"),
+    (["generate", "--model", "/definitely/not/here"], "does not exist"),
     (["eval", "--sparsities", "0.5,1.2"], "[0, 1)"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_path):
