@@ -25,7 +25,7 @@ import torch
 
 # This module is the command: its arguments and `main`. The training is in `reference_trainer`, its
 # checkpoints in `reference_checkpoint`, the evaluation in `reference_eval`.
-from .reference_eval import evaluate
+from .reference_eval import attention_concentration, evaluate
 from .reference_model import ReferenceVideoPipeline, build_scheduler, save_pipeline
 from .reference_trainer import bench, train
 
@@ -67,6 +67,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--bench", action="store_true", help="time eager vs compiled steps, then exit")
     p.add_argument("--eval-only", type=Path, default=None, help="evaluate the pipeline saved in this folder")
+    p.add_argument("--attention-only", action="store_true",
+                   help="with --eval-only: measure the attention concentration only (no adherence sweep)")
     p.add_argument("--eval", action="store_true", help="evaluate right after training")
     p.add_argument("--eval-out", type=Path, default=None, help="where evaluation JSON / samples go")
     p.add_argument("--eval-steps", type=int, default=30)
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.eval_only is not None:
         pipe = ReferenceVideoPipeline.from_pretrained(str(args.eval_only), dtype=torch.bfloat16, local_files_only=True)
+        if args.attention_only:  # the quick probe of model v2's candidates: density for 90% of the mass per layer
+            print(json.dumps({"attention": attention_concentration(pipe.to(device))}, indent=1))
+            return 0
         res = evaluate({"saved": pipe.to(device)}, args, args.eval_out)
         print(json.dumps({"chosen": res["chosen"], "attention": res["attention"]}, indent=1))
         return 0

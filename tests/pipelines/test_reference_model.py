@@ -178,3 +178,13 @@ def test_frames_below_two_are_refused(capsys):
     with pytest.raises(SystemExit):
         tr._parse(["--frames", "1"])
     assert "--frames must be at least 2" in capsys.readouterr().err
+
+
+def test_attention_only_probe_prints_the_concentration(tmp_path, capsys):
+    out = tmp_path / "ref"
+    assert tr.main(["--tiny", "--steps", "1", "--batch", "2", "--compile", "none", "--out", str(out),
+                    "--frames", "4", "--patch", "8"]) == 0
+    capsys.readouterr()
+    assert tr.main(["--eval-only", str(out), "--attention-only"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) == {"attention"} and len(res["attention"]) == 2
