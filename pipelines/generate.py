@@ -24,6 +24,8 @@ DEFAULT_PROMPT = "a red disc moves right and a blue square moves up on a striped
 # on the bundled model: window3d 17.8 dB PSNR vs dense, pooled 17.0, semantic 15.3.
 DEFAULT_METHOD = "window3d"
 EVAL_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "reference-eval" / "results.json"
+# Whole generations of the bundled model, sparse against dense, measured per device kind (README's figures).
+MAIN_COMMAND_TIMES = Path(__file__).resolve().parents[1] / "benchmarks" / "main-command.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,9 +137,10 @@ def _generate(ns: argparse.Namespace, loaded, device: torch.device, out_path, se
         print(f"quality vs dense: PSNR {psnr(dense.frames, sparse.frames):.2f} dB, "
               f"SSIM {ssim(dense.frames, sparse.frames):.4f}, LPIPS {lp_text}")
     else:
-        committed = committed_quality(ns.model, ns.method, ns.sparsity)
-        if committed:
-            print(committed)
+        for committed in (committed_speed(ns.model, ns.method, ns.sparsity, device.type, ns.steps),
+                          committed_quality(ns.model, ns.method, ns.sparsity)):
+            if committed:
+                print(committed)
     print(f"wrote {Path(written)}")
     return 0
 
@@ -156,4 +159,22 @@ def committed_quality(model: str, method: str, sparsity: float) -> str | None:
             where = ", ".join(str(x) for x in (meta.get("device"), meta.get("date")) if x)
             return (f"quality (committed evaluation{f', {where}' if where else ''}, not this run): PSNR "
                     f"{row['psnr']:.2f} dB vs dense; add --compare-dense to measure this run")
+    return None
+
+
+def committed_speed(model: str, method: str, sparsity: float, device_type: str, steps: int = 30) -> str | None:
+    """What a committed measurement of this command (same method, sparsity and steps) found for sparse
+    against dense time on this kind of device (bundled model only), labelled as such; None when there is
+    none."""
+    if model != BUNDLED or not MAIN_COMMAND_TIMES.is_file():
+        return None
+    import json
+
+    for run in json.loads(MAIN_COMMAND_TIMES.read_text()).get("runs", []):
+        if (run.get("device") == device_type and run.get("method") == method and run.get("steps") == steps
+                and abs(float(run.get("sparsity", -1)) - sparsity) < 1e-9):
+            ratio = run["dense_s"] / run["sparse_s"]
+            verdict = f"{ratio:.2f}x faster than dense" if ratio >= 1 else f"{1 / ratio:.2f}x slower than dense"
+            return (f"speed (committed measurement, {run['machine']}, {run['date']}, not this run): {verdict} end to "
+                    f"end ({_fmt_s(run['sparse_s'])} vs {_fmt_s(run['dense_s'])}); add --compare-dense to measure this run")
     return None
