@@ -69,7 +69,8 @@ class Trainer:
         """One optimizer step at run progress `progress`; returns the loss as a device tensor (no sync)."""
         x0, ids = self.batch()
         b = x0.shape[0]
-        t = torch.sigmoid(torch.randn(b, device=self.device, generator=self.noise_gen))
+        # Logit-normal noise levels; --t-mean > 0 puts more steps at high noise, where motion is decided.
+        t = torch.sigmoid(torch.randn(b, device=self.device, generator=self.noise_gen) + self.args.t_mean)
         eps = torch.randn(x0.shape, device=self.device, generator=self.noise_gen)
         tt = t.view(b, 1, 1, 1, 1)
         xt = (1 - tt) * x0 + tt * eps

@@ -56,6 +56,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 disables)")
     p.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of empty prompts")
+    p.add_argument("--t-mean", type=float, default=0.0,
+                   help="location of the logit-normal noise levels, t = sigmoid(N(t_mean, 1)); > 0 trains more at "
+                        "high noise, where a clip's motion is decided")
     p.add_argument("--two-object-prob", type=float, default=0.3)
     p.add_argument("--pan-prob", type=float, default=0.25)
     p.add_argument("--frames", type=int, default=16,

@@ -9,6 +9,7 @@ from dit_sparse.pipelines import reference_model as rm
 from dit_sparse.pipelines import train_reference as tr
 from dit_sparse.pipelines import video_data as vd
 from dit_sparse.pipelines.reference_eval import concentration
+from dit_sparse.pipelines.reference_trainer import Trainer
 
 PROMPTS = ["a red square moves left on a dark striped background", "a blue striped disc grows on a light cloudy background"]
 
@@ -188,3 +189,24 @@ def test_attention_only_probe_prints_the_concentration(tmp_path, capsys):
     assert tr.main(["--eval-only", str(out), "--attention-only"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert set(res) == {"attention"} and len(res["attention"]) == 2
+
+
+def test_t_mean_moves_training_noise_levels_up(monkeypatch):
+    """`--t-mean` shifts the logit-normal noise levels: the mean t of many draws rises above 0.5."""
+    seen = []
+    real = torch.sigmoid
+
+    def spy(x):
+        out = real(x)
+        seen.append(out.detach().clone())
+        return out
+
+    for t_mean, lo, hi in ((0.0, 0.4, 0.6), (1.0, 0.62, 0.85)):
+        seen.clear()
+        args = tr._parse(["--tiny", "--batch", "64", "--compile", "none", "--t-mean", str(t_mean)])
+        trainer = Trainer(args, torch.device("cpu"))
+        monkeypatch.setattr(torch, "sigmoid", spy)
+        trainer.train_step()
+        monkeypatch.setattr(torch, "sigmoid", real)
+        t = seen[0]
+        assert t.shape == (64,) and lo < float(t.mean()) < hi, (t_mean, float(t.mean()))
