@@ -105,9 +105,18 @@ class Trainer:
         return pipe.to(self.device)
 
 
+_SIZE_OPTIONS = {"heads": "num_attention_heads", "head_dim": "attention_head_dim", "ffn": "ffn_dim",
+                 "layers": "num_layers"}
+
+
 def transformer_overrides(args: argparse.Namespace) -> dict:
-    """Transformer config entries set by the clip geometry options (`--patch`)."""
-    return {"patch_size": (1, args.patch, args.patch)}
+    """Transformer config entries set by the options: the patch (`--patch`) and, where given, the model size
+    (`--heads`, `--head-dim`, `--ffn`, `--layers`)."""
+    out: dict = {"patch_size": (1, args.patch, args.patch)}
+    for opt, key in _SIZE_OPTIONS.items():
+        if getattr(args, opt, None) is not None:
+            out[key] = getattr(args, opt)
+    return out
 
 
 def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

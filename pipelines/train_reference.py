@@ -64,6 +64,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=16,
                    help="frames per clip (tokens = frames x (64 / patch)^2; 16 -> 4,096 with patch 4)")
     p.add_argument("--patch", type=int, default=4, choices=[1, 2, 4, 8], help="spatial patch size of the transformer")
+    for flag, what in (("--heads", "attention heads"), ("--head-dim", "head dim"), ("--ffn", "MLP width"),
+                       ("--layers", "transformer blocks")):
+        p.add_argument(flag, type=int, default=None, help=f"{what} (default: the bundled model's; see reference_model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="toy-size model (CPU smoke tests only)")
     p.add_argument("--compile", choices=["none", "blocks"], default="blocks", help="regional torch.compile")
@@ -80,6 +83,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.frames < 2:
         p.error(f"--frames must be at least 2 (motion needs frames), got {args.frames}")
+    for name in ("heads", "head_dim", "ffn", "layers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     return args
 
 

@@ -210,3 +210,13 @@ def test_t_mean_moves_training_noise_levels_up(monkeypatch):
         monkeypatch.setattr(torch, "sigmoid", real)
         t = seen[0]
         assert t.shape == (64,) and lo < float(t.mean()) < hi, (t_mean, float(t.mean()))
+
+
+def test_model_size_options_reach_the_saved_transformer(tmp_path):
+    out = tmp_path / "ref"
+    assert tr.main(["--tiny", "--steps", "1", "--batch", "2", "--compile", "none", "--out", str(out),
+                    "--heads", "3", "--head-dim", "8", "--ffn", "24", "--layers", "1"]) == 0
+    cfg = rm.load_reference_pipeline(out, device="cpu", dtype=torch.float32).transformer.config
+    assert (cfg.num_attention_heads, cfg.attention_head_dim, cfg.ffn_dim, cfg.num_layers) == (3, 8, 24, 1)
+    with pytest.raises(SystemExit):
+        tr._parse(["--heads", "0"])
