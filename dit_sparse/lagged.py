@@ -31,9 +31,10 @@ class LaggedFlag:
             return
         if self._host is None:
             self._host = torch.empty(1, dtype=torch.bool, pin_memory=True)
-        self._host.copy_(flag, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
+        with torch.cuda.device(flag.device):  # copy and event on the flag's device's current stream
+            self._host.copy_(flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
         self._value = None
 
     def peek(self) -> bool | None:
