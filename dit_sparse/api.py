@@ -199,19 +199,20 @@ def _apply_to_expert(name: str, transformer: torch.nn.Module, adapter: Any, conf
             original = module.get_processor() if hasattr(module, "get_processor") else module.processor
             originals[layer_name] = (module, original)
             module.set_processor(adapter.make_processor(original, core, layer, layer_name))
-        hook = attach_tracker(transformer, tracker, adapter.layout, adapter.timestep)
+        # The whole model runs in the method's token order only where the method has one and the adapter can.
+        points = adapter.reorder_points(transformer) if reorder_tokens and method_obj.has_model_order() else ()
+        attach_tracker(transformer, tracker, adapter.layout, adapter.timestep,
+                       order_fn=_order_fn(method_obj, config) if points else None)
     except Exception:
         _restore(originals)
         raise
     expert = ExpertHandle(name, transformer, core, adapter, originals)
-    points = adapter.reorder_points(transformer) if reorder_tokens else ()
     if points:
         try:
             expert.remove_reorder = install_reorder(transformer, points, tracker)
         except Exception:
             _undo(expert)
             raise
-        hook.order_fn = _order_fn(method_obj, config)
     return expert
 
 

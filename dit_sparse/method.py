@@ -68,6 +68,10 @@ class SparseMethod:
         """Plan for q, k, v of shape [B, H, S, D] (views in the processor's layout); None = dense."""
         raise NotImplementedError
 
+    def has_model_order(self) -> bool:
+        """Whether `model_order` can return an order (adapters install their reorder hooks only then)."""
+        return self.base.has_model_order() if self.base is not None else False
+
     def model_order(self, layout: VideoLayout, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """(order, inverse), or None: a token order (int64 [S] on `device`, position -> token index; the
         same tensor objects on every call) that every layer's plan for `layout` applies to q, k and v alike.

@@ -129,13 +129,14 @@ class StepTrackingHook(ModelHook):
         tracker: StepTracker,
         layout_fn: Callable[[torch.nn.Module, tuple, dict], VideoLayout | None] | None = None,
         timestep_fn: Callable[[tuple, dict], Any] | None = None,
+        order_fn: Callable[[torch.nn.Module, VideoLayout | None, tuple, dict], Any] | None = None,
     ) -> None:
         super().__init__()
         self.tracker = tracker
         self.layout_fn = layout_fn
         self.timestep_fn = timestep_fn
         # (module, layout, args, kwargs) -> (order, inverse) | None: the token order of this forward.
-        self.order_fn: Callable[[torch.nn.Module, VideoLayout | None, tuple, dict], Any] | None = None
+        self.order_fn = order_fn
         # A StateManager attribute is how Diffusers finds the hook to hand it the cache context.
         self.state_manager = StateManager(_NoState)
 
@@ -172,14 +173,18 @@ def attach_tracker(
     tracker: StepTracker,
     layout_fn: Callable[[torch.nn.Module, tuple, dict], VideoLayout | None] | None = None,
     timestep_fn: Callable[[tuple, dict], Any] | None = None,
+    order_fn: Callable[[torch.nn.Module, VideoLayout | None, tuple, dict], Any] | None = None,
 ) -> StepTrackingHook:
-    """Register the tracking hook on `transformer` (raises if dit-sparse is already applied to it)."""
+    """Register the tracking hook on `transformer` (raises if dit-sparse is already applied to it).
+
+    `order_fn` gives each forward's token order when the model runs in a method's order (pipelines.reorder).
+    """
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     if registry.get_hook(HOOK_NAME) is not None:
         raise RuntimeError(
             "dit-sparse is already applied to this transformer; call dit_sparse.remove() on it first"
         )
-    hook = StepTrackingHook(tracker, layout_fn, timestep_fn)
+    hook = StepTrackingHook(tracker, layout_fn, timestep_fn, order_fn)
     registry.register_hook(hook, HOOK_NAME)
     # What the registry installed, to tell at removal whether something outside it (cache-dit patches
     # `transformer.forward` directly) has replaced the forward since.

@@ -123,8 +123,16 @@ def test_no_reordering_when_dense_or_without_one_order():
     handle.core.attend = spy
     with torch.no_grad():
         model(**inputs, timestep=t, return_dict=False)
+    # A method without one order for the model gets no reorder hooks at all (nothing to check per forward).
+    assert not any(getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.get_hook(HOOK_NAME)
+                   for m in model.modules())
     handle.remove()
     assert seen and all(o is None for o in seen)
+    for spec, hooked in (("window3d", True), ("semantic+skip", False), ("window3d+skip", True)):
+        handle = dit_sparse.apply(model, spec, 0.7)
+        expert = next(iter(handle.experts.values()))
+        assert (expert.remove_reorder is not None) == hooked, spec
+        handle.remove()
 
 
 def test_remove_takes_the_hooks_away():

@@ -178,6 +178,9 @@ class Window3D(SparseMethod):
             self._tilings[key] = VideoTiling(layout, key[1], self.options.text_block, device, block)
         return self._tilings[key]
 
+    def has_model_order(self) -> bool:
+        return not self.options.calibrate  # the offline search reads the model's own order
+
     def model_order(self, layout: VideoLayout, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """The tiling's tile-major order: the same for every layer and head, so the model can run in it."""
         if self.options.calibrate:  # the offline search reads the model's own order
