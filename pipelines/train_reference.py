@@ -25,6 +25,7 @@ import torch
 
 # This module is the command: its arguments and `main`. The training is in `reference_trainer`, its
 # checkpoints in `reference_checkpoint`, the evaluation in `reference_eval`.
+from .reference_card import write_model_card
 from .reference_eval import attention_concentration, evaluate
 from .reference_model import ReferenceVideoPipeline, build_scheduler, save_pipeline
 from .reference_trainer import bench, train
@@ -75,6 +76,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-only", type=Path, default=None, help="evaluate the pipeline saved in this folder")
     p.add_argument("--attention-only", action="store_true",
                    help="with --eval-only: measure the attention concentration only (no adherence sweep)")
+    p.add_argument("--card", type=Path, default=None,
+                   help="write the model card of this saved folder (MODEL_CARD.md, figures from its files and "
+                        "--eval-out's eval.json), then exit")
     p.add_argument("--eval", action="store_true", help="evaluate right after training")
     p.add_argument("--eval-out", type=Path, default=None, help="where evaluation JSON / samples go")
     p.add_argument("--eval-steps", type=int, default=30)
@@ -95,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if args.card is not None:
+        print(f"wrote {write_model_card(args.card, args.eval_out)}")
+        return 0
     if args.bench:
         print(json.dumps(bench(args, device)))
         return 0

@@ -220,3 +220,30 @@ def test_model_size_options_reach_the_saved_transformer(tmp_path):
     assert (cfg.num_attention_heads, cfg.attention_head_dim, cfg.ffn_dim, cfg.num_layers) == (3, 8, 24, 1)
     with pytest.raises(SystemExit):
         tr._parse(["--heads", "0"])
+
+
+def test_model_card_reads_every_figure_from_the_folder(tmp_path):
+    out = tmp_path / "ref"
+    assert tr.main(["--tiny", "--steps", "2", "--batch", "2", "--compile", "none", "--out", str(out),
+                    "--frames", "4", "--patch", "8", "--t-mean", "0.5"]) == 0
+    card = (out / "MODEL_CARD.md")
+    assert tr.main(["--card", str(out)]) == 0
+    text = card.read_text()
+    assert "4 frames x 64 x 64 RGB -> 4 x 8 x 8 = 256 video tokens" in text
+    assert "--frames 4 --patch 8" in text and "--t-mean 0.5" in text and "--out" not in text
+    assert "2 optimizer steps" in text and "eval.json is missing" in text
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    held = {"videos": 64, "colour": 0.9, "motion": 0.75, "both": 0.7, "by_path": {"left": 0.5},
+            "by_objects": {"1_object": 0.8, "2_object": 0.4}}
+    dens = {"blocks.0.attn1": 0.3, "blocks.1.attn1": 0.5, "blocks.2.attn1": 0.35}
+    (ev / "eval.json").write_text(json.dumps({
+        "sweep": [{"weights": "ema", "guidance": 3.0, "shift": 3.0, "val_both": 0.6, "heldout": held}],
+        "chosen": {"weights": "ema", "guidance": 3.0, "shift": 3.0, "val_both": 0.6, "heldout": held},
+        "attention": {k: {"top5%": 0.2, "top10%": 0.3, "top25%": 0.6, "density_for_90%": v} for k, v in dens.items()},
+    }))
+    assert tr.main(["--card", str(out), "--eval-out", str(ev)]) == 0
+    text = card.read_text()
+    assert "| **ema** | **3.0** | **3.0** | **60.0%** | **90.0%** | **75.0%** | **70.0%** |" in text
+    assert "Median share of blocks for 90% of the mass: 35.0% (meets the target of 40.0%)" in text
+    assert "Per path: left 50.0%" in text

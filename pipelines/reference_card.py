@@ -1,0 +1,136 @@
+"""Model card of a folder that `train-reference` wrote, generated from the folder's own files.
+
+Every figure comes from what the training run and its evaluation recorded (model_index.json, the
+transformer config, train_log.json, eval.json): `python -m dit_sparse.pipelines.train_reference --card DIR
+[--eval-out EVAL_DIR]` writes DIR/MODEL_CARD.md (eval.json from EVAL_DIR, where `--eval` wrote it, else DIR). Sections without their file say so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .clip_render import CLIP_SIZE
+
+DENSITY_TARGET = 0.4  # issue 15: median share of key blocks holding 90% of the attention mass
+_SKIP_ARGS = {"out", "eval_only", "eval_out", "bench", "log_every", "checkpoint", "resume", "attention_only",
+              "card"}
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _command(args: dict[str, Any]) -> str:
+    """The training command as it was run (options that do not change the weights left out)."""
+    parts = ["python -m dit_sparse.pipelines.train_reference"]
+    for key, val in args.items():
+        if key in _SKIP_ARGS or val is None or val is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if val is True:
+            parts.append(flag)
+        elif isinstance(val, list):
+            parts.append(f"{flag} {' '.join(str(v) for v in val)}")
+        else:
+            parts.append(f"{flag} {val}")
+    return " ".join(parts)
+
+
+def _model_section(folder: Path) -> list[str]:
+    index = _read(folder / "model_index.json") or {}
+    cfg = _read(folder / "transformer" / "config.json")
+    if cfg is None:
+        return ["## Model", "", "transformer/config.json is missing.", ""]
+    frames = int(index.get("num_frames", 16))
+    height, width = int(index.get("height", CLIP_SIZE)), int(index.get("width", CLIP_SIZE))
+    pt, ph, pw = cfg["patch_size"]
+    grid = (frames // pt, height // ph, width // pw)
+    tokens = grid[0] * grid[1] * grid[2]
+    keys = ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim", "text_dim", "qk_norm")
+    arch = ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
+    return ["## Model", "", "| part | value |", "|---|---|",
+            f"| transformer | Diffusers `WanTransformer3DModel`, patch {tuple(cfg['patch_size'])}, {arch} |",
+            f"| clip | {frames} frames x {height} x {width} RGB -> {grid[0]} x {grid[1]} x {grid[2]} = "
+            f"{tokens:,} video tokens |", ""]
+
+
+def _training_section(log: dict | None) -> list[str]:
+    if log is None:
+        return ["## Training", "", "train_log.json is missing.", ""]
+    runs = [*log.get("earlier_runs", []), log]
+    last_loss = log["losses"][-1] if log.get("losses") else None
+    lines = ["## Training", "", "```", _command(log.get("args", {})), "```", "",
+             f"Device {log.get('device')}, torch {log.get('torch')}; {log['steps']:,} optimizer steps in "
+             f"{len(runs)} run(s), {log.get('minutes_total', log['wall_s'] / 60):.1f} min in all; "
+             f"{log['clips_seen']:,} clips; {log.get('params', 0):,} parameters."]
+    if last_loss is not None:
+        lines.append(f"Last logged loss {last_loss[1]:.4f} at step {last_loss[0]:,} (all of them: train_log.json).")
+    return lines + [""]
+
+
+def _eval_section(ev: dict | None) -> list[str]:
+    if ev is None:
+        return ["## Measured", "", "eval.json is missing: run `train-reference --eval-only DIR --eval-out DIR`.", ""]
+    lines = ["## Measured (dense attention, held-out prompts)", "",
+             "| weights | guidance | shift | validation both | colour | motion | both | 1 object | 2 objects |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    chosen = ev.get("chosen", {})
+    for row in ev.get("sweep", []):
+        h = row["heldout"]
+        mark = "**" if (row["guidance"], row["shift"], row["weights"]) == (
+            chosen.get("guidance"), chosen.get("shift"), chosen.get("weights")) else ""
+        by = h.get("by_objects", {})
+        cells = [row["weights"], row["guidance"], row["shift"], _pct(row["val_both"]), _pct(h["colour"]),
+                 _pct(h["motion"]), _pct(h["both"]), _pct(by.get("1_object", 0.0)), _pct(by.get("2_object", 0.0))]
+        lines.append("| " + " | ".join(f"{mark}{c}{mark}" for c in cells) + " |")
+    if chosen:
+        lines += ["", f"Chosen on the validation set: guidance {chosen['guidance']}, shift {chosen['shift']} "
+                      f"({chosen['heldout']['videos']} held-out videos)."]
+        paths = chosen["heldout"].get("by_path", {})
+        if paths:
+            lines.append("Per path: " + ", ".join(f"{k} {_pct(v)}" for k, v in paths.items()) + ".")
+    att = ev.get("attention")
+    if att:
+        dens = [v["density_for_90%"] for v in att.values()]
+        med = statistics.median(dens)
+        verdict = "meets" if med <= DENSITY_TARGET else "misses"
+        lines += ["", "Attention concentration (self-attention at t = 0.5 on held-out clips, natural order, 64-token "
+                      "blocks):", "", "| layer | top 5% | top 10% | top 25% | blocks for 90% |", "|---|---|---|---|---|"]
+        for name, v in att.items():
+            lines.append(f"| {name} | {_pct(v['top5%'])} | {_pct(v['top10%'])} | {_pct(v['top25%'])} | "
+                         f"{_pct(v['density_for_90%'])} |")
+        lines += ["", f"Median share of blocks for 90% of the mass: {_pct(med)} ({verdict} the target of "
+                      f"{_pct(DENSITY_TARGET)})."]
+    return lines + [""]
+
+
+def model_card(folder: str | Path, eval_dir: str | Path | None = None) -> str:
+    """The Markdown model card of a `train-reference` folder (figures read from its files; eval.json from
+    `eval_dir` when given, else from the folder)."""
+    folder = Path(folder)
+    lines = [f"# {folder.name}: a reference text-to-video DiT trained by dit-sparse", "",
+             "Generated by `python -m dit_sparse.pipelines.train_reference --card DIR` from this folder's files; "
+             "every figure was recorded by the training run or its evaluation.", ""]
+    lines += _model_section(folder)
+    lines += _training_section(_read(folder / "train_log.json"))
+    lines += _eval_section(_read(Path(eval_dir or folder) / "eval.json"))
+    if (folder / "samples.png").is_file():
+        lines += ["![held-out samples](samples.png)", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(folder: str | Path, eval_dir: str | Path | None = None) -> Path:
+    """Write `model_card(folder, eval_dir)` to folder/MODEL_CARD.md (replacing an earlier generated one)."""
+    out = Path(folder) / "MODEL_CARD.md"
+    out.write_text(model_card(folder, eval_dir))
+    return out
