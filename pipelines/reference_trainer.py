@@ -24,6 +24,8 @@ from .reference_checkpoint import resume, save_checkpoint
 from .reference_model import ReferenceVideoPipeline, build_scheduler, build_text_encoder, build_transformer
 from .video_data import heldout_prompts, sample_specs
 
+EASY_PATHS = ("left", "right", "up", "down")  # the curriculum's paths (notes: motion is learnt last)
+
 
 class Trainer:
     """Model, optimizer, EMA and the on-the-fly data stream of one training run."""
@@ -44,12 +46,18 @@ class Trainer:
         self.empty_ids = self.text_encoder.tokenize("")[0]
         self.step = 0
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training batch: clips [B, 3, F, H, W] on the device and token ids [B, L] (some dropped)."""
+    def batch(self, progress: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training batch: clips [B, 3, F, H, W] on the device and token ids [B, L] (some dropped).
+
+        While `progress` is below `--curriculum`, only easy clips: one solid object on an axis path, no pan.
+        """
         a = self.args
-        spec = sample_specs(
-            a.batch, self.data_gen, two_object_prob=a.two_object_prob, pan_prob=a.pan_prob, exclude_prompts=self.exclude
-        )
+        if progress < a.curriculum:
+            spec = sample_specs(a.batch, self.data_gen, two_object_prob=0.0, pan_prob=0.0, exclude_prompts=self.exclude,
+                                paths=EASY_PATHS, textures=("solid",))
+        else:
+            spec = sample_specs(a.batch, self.data_gen, two_object_prob=a.two_object_prob, pan_prob=a.pan_prob,
+                                exclude_prompts=self.exclude)
         ids = self.text_encoder.tokenize(spec_prompts(spec))
         drop = torch.rand(a.batch, generator=self.data_gen) < a.cfg_drop
         ids[drop] = self.empty_ids
@@ -67,7 +75,7 @@ class Trainer:
 
     def train_step(self, progress: float = 0.0) -> torch.Tensor:
         """One optimizer step at run progress `progress`; returns the loss as a device tensor (no sync)."""
-        x0, ids = self.batch()
+        x0, ids = self.batch(progress)
         b = x0.shape[0]
         # Logit-normal noise levels; --t-mean > 0 puts more steps at high noise, where motion is decided.
         t = torch.sigmoid(torch.randn(b, device=self.device, generator=self.noise_gen) + self.args.t_mean)

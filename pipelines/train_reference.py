@@ -57,6 +57,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 disables)")
     p.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of empty prompts")
+    p.add_argument("--curriculum", type=float, default=0.0,
+                   help="fraction of the training (by progress) on easy clips only: one solid object, axis paths, "
+                        "no pan")
     p.add_argument("--t-mean", type=float, default=0.0,
                    help="location of the logit-normal noise levels, t = sigmoid(N(t_mean, 1)); > 0 trains more at "
                         "high noise, where a clip's motion is decided")
@@ -85,6 +88,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0, 5.0, 8.0])
     p.add_argument("--shift", type=float, nargs="+", default=[1.0, 3.0])
     args = p.parse_args(argv)
+    if not 0.0 <= args.curriculum <= 1.0:
+        p.error(f"--curriculum is a fraction of the training in [0, 1], got {args.curriculum}")
     if args.frames < 2:
         p.error(f"--frames must be at least 2 (motion needs frames), got {args.frames}")
     for name in ("heads", "head_dim", "ffn", "layers"):

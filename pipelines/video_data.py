@@ -54,11 +54,14 @@ def sample_specs(
     pan_prob: float = 0.25,
     size: int = 64,
     exclude_prompts: set[str] | frozenset[str] | None = None,
+    paths: tuple[str, ...] | None = None,
+    textures: tuple[str, ...] | None = None,
 ) -> SpecBatch:
     """Draw `n` clip specs on the CPU from `generator` (deterministic for a given generator state).
 
     Clips whose prompt is in `exclude_prompts` (the held-out evaluation prompts) get a different path, so
-    those exact prompts never occur in training.
+    those exact prompts never occur in training. `paths` / `textures` restrict the draw to those names (a
+    training curriculum's easy clips); None draws from all of them.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -69,8 +72,8 @@ def sample_specs(
     # The second colour differs from the first: offset by 1..5 modulo 6.
     colour[:, 1] = (colour[:, 0] + torch.randint(1, len(COLOURS), (n,), generator=g)) % len(COLOURS)
     shape = torch.randint(len(SHAPES), (n, k), generator=g)
-    texture = torch.randint(len(TEXTURES), (n, k), generator=g)
-    path = torch.randint(len(PATHS), (n, k), generator=g)
+    texture = _draw(TEXTURES, textures, (n, k), g)
+    path = _draw(PATH_NAMES, paths, (n, k), g)
     present = torch.ones(n, k, dtype=torch.bool)
     present[:, 1] = torch.rand(n, generator=g) < two_object_prob
     radius = _uniform(n, *RADIUS_RANGE, g, (k,))
@@ -113,6 +116,18 @@ def sample_specs(
                 spec.start[i] = place_starts(spec.index([i]), u[i : i + 1], size)[0]
                 p = spec_prompts(spec.index([i]))[0]
     return spec
+
+
+def _draw(names: tuple[str, ...], allowed: tuple[str, ...] | None, shape: tuple[int, ...],
+          g: torch.Generator) -> torch.Tensor:
+    """Indices into `names`, uniform over `allowed` (all names when None)."""
+    if allowed is None:
+        return torch.randint(len(names), shape, generator=g)
+    unknown = [a for a in allowed if a not in names]
+    if not allowed or unknown:
+        raise ValueError(f"allowed names must be a non-empty subset of {names}, got {allowed}")
+    idx = torch.tensor([names.index(a) for a in allowed])
+    return idx[torch.randint(len(idx), shape, generator=g)]
 
 
 def clip_truths(spec: SpecBatch, num_frames: int = 16) -> list[ClipTruth]:

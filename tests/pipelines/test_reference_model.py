@@ -247,3 +247,32 @@ def test_model_card_reads_every_figure_from_the_folder(tmp_path):
     assert "| **ema** | **3.0** | **3.0** | **60.0%** | **90.0%** | **75.0%** | **70.0%** |" in text
     assert "Median share of blocks for 90% of the mass: 35.0% (meets the target of 40.0%)" in text
     assert "Per path: left 50.0%" in text
+
+
+def test_curriculum_draws_easy_clips_first():
+    from dit_sparse.pipelines import reference_trainer as rt
+    from dit_sparse.pipelines.clip_spec import PATH_NAMES, TEXTURES
+
+    drawn = []
+    real = rt.sample_specs
+
+    def spy(*a, **k):
+        spec = real(*a, **k)
+        drawn.append(spec)
+        return spec
+
+    args = tr._parse(["--tiny", "--batch", "16", "--compile", "none", "--curriculum", "0.3"])
+    trainer = rt.Trainer(args, torch.device("cpu"))
+    rt.sample_specs = spy
+    try:
+        trainer.batch(progress=0.1)
+        trainer.batch(progress=0.5)
+    finally:
+        rt.sample_specs = real
+    easy, full = drawn
+    assert not easy.present[:, 1].any() and not easy.pan.any()
+    assert {PATH_NAMES[i] for i in easy.path[:, 0].tolist()} <= set(rt.EASY_PATHS)
+    assert {TEXTURES[i] for i in easy.texture[:, 0].tolist()} == {"solid"}
+    assert full.present[:, 1].any() or full.pan.any() or len(set(full.path[:, 0].tolist())) > 4
+    with pytest.raises(SystemExit):
+        tr._parse(["--curriculum", "1.5"])

@@ -1,5 +1,6 @@
 """Procedural video generator: determinism, prompts, and exact ground truth."""
 
+import pytest
 import torch
 from dit_sparse.pipelines import adherence
 from dit_sparse.pipelines import video_data as vd
@@ -89,3 +90,16 @@ def test_heldout_set_is_fixed_distinct_and_excluded_from_training():
     base = set(vd.spec_prompts(_specs(21, n=50)))
     again = vd.spec_prompts(_specs(21, n=50, exclude_prompts=frozenset(base)))
     assert not (set(again) & base)
+
+
+def test_paths_and_textures_restrict_the_draw_and_defaults_are_unchanged():
+    from dit_sparse.pipelines.clip_spec import PATH_NAMES, TEXTURES
+
+    a = vd.sample_specs(200, torch.Generator().manual_seed(3))
+    b = vd.sample_specs(200, torch.Generator().manual_seed(3), paths=None, textures=None)
+    assert torch.equal(a.path, b.path) and torch.equal(a.texture, b.texture)  # None: the same stream as before
+    easy = vd.sample_specs(200, torch.Generator().manual_seed(3), paths=("left", "up"), textures=("solid",))
+    assert {PATH_NAMES[i] for i in easy.path.flatten().tolist()} == {"left", "up"}
+    assert {TEXTURES[i] for i in easy.texture.flatten().tolist()} == {"solid"}
+    with pytest.raises(ValueError, match="subset"):
+        vd.sample_specs(2, torch.Generator().manual_seed(0), paths=("sideways",))
