@@ -27,6 +27,9 @@ except ImportError:  # pragma: no cover - CPU installs without Triton use PyTorc
 
 from .triton_util import triton_runs_on
 
+if triton is not None:
+    from .top_p import top_p_row
+
 Tensor = torch.Tensor
 
 MAX_ROW = 4096  # key ranges one program holds in registers (and sorts, for top_p < 1)
@@ -84,13 +87,8 @@ if triton is not None:
         live = k_live & q_live
         forced = (fk | fq) & live
         cand = live & ~forced
-        if USE_TOP_P:  # as kernels/top_p.py: the shortest run of largest masses reaching top_p
-            pc = tl.where(cand, p, -1.0)
-            s = tl.sort(pc, descending=True)
-            pos = tl.maximum(s, 0.0)
-            before = tl.sum(tl.where(forced, p, 0.0), 0) + tl.cumsum(pos, 0) - pos
-            threshold = tl.min(tl.where(before < top_p, s, float("inf")), 0)
-            in_top_p = cand & (pc >= threshold)
+        if USE_TOP_P:  # the shortest run of largest masses reaching top_p (kernels/top_p.py)
+            in_top_p = top_p_row(p, cand, tl.sum(tl.where(forced, p, 0.0), 0), top_p)
         else:
             in_top_p = cand
 

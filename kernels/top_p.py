@@ -56,15 +56,21 @@ def _top_p_torch(p: Tensor, cand: Tensor, forced_mass: Tensor, top_p: float) -> 
 if triton is not None:
 
     @triton.jit
+    def top_p_row(p, cand, forced_mass, top_p):
+        """The rule of the module docstring on one row held in registers: p float32 [BLOCK], cand bool
+        [BLOCK] (False on padding lanes), forced_mass a scalar. Also used by kernels/priority.py."""
+        pc = tl.where(cand, p, -1.0)  # -1 sorts non-candidates last
+        s = tl.sort(pc, descending=True)
+        pos = tl.maximum(s, 0.0)
+        before = forced_mass + tl.cumsum(pos, 0) - pos
+        threshold = tl.min(tl.where(before < top_p, s, float("inf")), 0)
+        return cand & (pc >= threshold)
+
+    @triton.jit
     def _top_p_kernel(P, CAND, FORCED, OUT, N, top_p, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         ok = offs < N
         p = tl.load(P + row * N + offs, mask=ok, other=0.0)
-        c = tl.load(CAND + row * N + offs, mask=ok, other=0) != 0
-        pc = tl.where(c & ok, p, -1.0)
-        s = tl.sort(pc, descending=True)
-        pos = tl.maximum(s, 0.0)
-        before = tl.load(FORCED + row) + tl.cumsum(pos, 0) - pos
-        threshold = tl.min(tl.where(before < top_p, s, float("inf")), 0)
-        tl.store(OUT + row * N + offs, c & (pc >= threshold), mask=ok)
+        c = (tl.load(CAND + row * N + offs, mask=ok, other=0) != 0) & ok
+        tl.store(OUT + row * N + offs, top_p_row(p, c, tl.load(FORCED + row), top_p), mask=ok)
