@@ -33,9 +33,10 @@ def _shape_sdf(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: torch
 
 
 CLIP_SIZE = 64  # canvas side in pixels; paths and radii are drawn for it (clip_motion.py)
+CLIP_FRAMES = 16  # frames per clip, unless a model is trained on another length (train-reference --frames)
 
 
-def render(spec: SpecBatch, num_frames: int = 16, size: int = CLIP_SIZE) -> torch.Tensor:
+def render(spec: SpecBatch, num_frames: int = CLIP_FRAMES, size: int = CLIP_SIZE) -> torch.Tensor:
     """Render clips on the spec's device: returns [B, 3, F, H, W] in [-1, 1] (Diffusers video layout)."""
     dev = spec.start.device
     b = len(spec)

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .clip_render import CLIP_FRAMES
+
 BUNDLED = "bundled"
 TINY = "tiny"
 
@@ -94,34 +96,44 @@ def _looks_like_path(model: str) -> bool:
 
 def reference_clip_frames(model: str) -> int | None:
     """Frames per clip of a reference model ("bundled" or a folder `train-reference` wrote), None for any
-    other model. Read from model_index.json (older folders without the entry make 16)."""
-    folder = assets_dir() / "reference-video-dit" if model == BUNDLED else Path(model)
-    if model != BUNDLED and not is_reference_folder(folder):
+    other model. Read from model_index.json (older folders without the entry make CLIP_FRAMES)."""
+    bundled = model == BUNDLED
+    index = _model_index(assets_dir() / "reference-video-dit" if bundled else Path(model))
+    if not bundled and not _names_reference_pipeline(index):
         return None
     try:
-        return int(json.loads((folder / "model_index.json").read_text()).get("num_frames", 16))
-    except (OSError, ValueError, AttributeError, TypeError):
-        return 16 if model == BUNDLED else None
+        return int(index.get("num_frames", CLIP_FRAMES))
+    except (TypeError, ValueError):
+        return CLIP_FRAMES if bundled else None
+
+
+def _model_index(folder: str | Path) -> dict:
+    """`folder`/model_index.json as a dict; {} when it is missing, unreadable, not JSON or not an object."""
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
 
 
 def pipeline_class_name(folder: str | Path) -> str | None:
     """The `_class_name` in `folder`/model_index.json, or None when there is no readable index."""
-    index = Path(folder) / "model_index.json"
-    try:
-        return json.loads(index.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):  # missing, unreadable, not JSON, or not a JSON object
-        return None
+    return _model_index(folder).get("_class_name")
 
 
-def is_reference_folder(folder: str | Path) -> bool:
-    """True when `folder` holds a saved `ReferenceVideoPipeline` (our class, unknown to Diffusers'
-    DiffusionPipeline.from_pretrained, which looks pipeline classes up in the diffusers module)."""
-    name = pipeline_class_name(folder)
+def _names_reference_pipeline(index: dict) -> bool:
+    name = index.get("_class_name")
     if name is None:  # no index (e.g. a Hub id): nothing to import
         return False
     from .reference_model import ReferenceVideoPipeline
 
     return name == ReferenceVideoPipeline.__name__
+
+
+def is_reference_folder(folder: str | Path) -> bool:
+    """True when `folder` holds a saved `ReferenceVideoPipeline` (our class, unknown to Diffusers'
+    DiffusionPipeline.from_pretrained, which looks pipeline classes up in the diffusers module)."""
+    return _names_reference_pipeline(_model_index(folder))
 
 
 def _load_bundled(device: torch.device, dtype: torch.dtype | None) -> LoadedModel:

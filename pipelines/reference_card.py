@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .clip_render import CLIP_SIZE
+from .clip_render import CLIP_FRAMES, CLIP_SIZE
 
 DENSITY_TARGET = 0.4  # issue 15: median share of key blocks holding 90% of the attention mass
 _SKIP_ARGS = {"out", "eval_only", "eval_out", "bench", "log_every", "checkpoint", "resume", "attention_only",
@@ -51,7 +51,7 @@ def _model_section(folder: Path) -> list[str]:
     cfg = _read(folder / "transformer" / "config.json")
     if cfg is None:
         return ["## Model", "", "transformer/config.json is missing.", ""]
-    frames = int(index.get("num_frames", 16))
+    frames = int(index.get("num_frames", CLIP_FRAMES))
     height, width = int(index.get("height", CLIP_SIZE)), int(index.get("width", CLIP_SIZE))
     pt, ph, pw = cfg["patch_size"]
     grid = (frames // pt, height // ph, width // pw)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .clip_render import CLIP_FRAMES
+
 if TYPE_CHECKING:
     from .reference_trainer import Trainer
 
@@ -44,7 +46,7 @@ def load_trainer_state(trainer: Trainer, state: dict) -> None:
     if state["model"]["params"] != shapes:
         raise ValueError("the checkpoint holds another model size (--tiny or --patch differs?): start without "
                          "--resume, or pass the options it was trained with")
-    saved = (state["model"].get("frames", 16), state["model"].get("patch", 4))  # older checkpoints: 16 / 4
+    saved = (state["model"].get("frames", CLIP_FRAMES), state["model"].get("patch", 4))  # older checkpoints
     if saved != (trainer.args.frames, trainer.args.patch):
         raise ValueError(f"the checkpoint was trained with --frames {saved[0]} --patch {saved[1]}, this run asks for "
                          f"--frames {trainer.args.frames} --patch {trainer.args.patch}: pass the same clip geometry")

@@ -20,6 +20,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .clip_prompts import vocabulary
+from .clip_render import CLIP_FRAMES, CLIP_SIZE
 from .text_encoder import ReferenceTextEncoder
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "assets" / "reference-video-dit"
@@ -89,9 +90,9 @@ class ReferenceVideoPipeline(DiffusionPipeline):
         transformer: WanTransformer3DModel,
         text_encoder: ReferenceTextEncoder,
         scheduler: FlowMatchEulerDiscreteScheduler,
-        num_frames: int = 16,
-        height: int = 64,
-        width: int = 64,
+        num_frames: int = CLIP_FRAMES,
+        height: int = CLIP_SIZE,
+        width: int = CLIP_SIZE,
     ) -> None:
         super().__init__()
         self.register_modules(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)

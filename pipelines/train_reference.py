@@ -25,6 +25,7 @@ import torch
 
 # This module is the command: its arguments and `main`. The training is in `reference_trainer`, its
 # checkpoints in `reference_checkpoint`, the evaluation in `reference_eval`.
+from .clip_render import CLIP_FRAMES
 from .reference_card import write_model_card
 from .reference_eval import attention_concentration, evaluate
 from .reference_model import ReferenceVideoPipeline, build_scheduler, save_pipeline
@@ -65,7 +66,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "high noise, where a clip's motion is decided")
     p.add_argument("--two-object-prob", type=float, default=0.3)
     p.add_argument("--pan-prob", type=float, default=0.25)
-    p.add_argument("--frames", type=int, default=16,
+    p.add_argument("--frames", type=int, default=CLIP_FRAMES,
                    help="frames per clip (tokens = frames x (64 / patch)^2; 16 -> 4,096 with patch 4)")
     p.add_argument("--patch", type=int, default=4, choices=[1, 2, 4, 8], help="spatial patch size of the transformer")
     for flag, what in (("--heads", "attention heads"), ("--head-dim", "head dim"), ("--ffn", "MLP width"),

@@ -23,7 +23,7 @@ import torch
 
 from .clip_motion import place_starts, trajectories
 from .clip_prompts import spec_prompts
-from .clip_render import render
+from .clip_render import CLIP_FRAMES, CLIP_SIZE, render
 from .clip_spec import (
     BACKGROUNDS,
     COLOUR_NAMES,
@@ -130,7 +130,7 @@ def _draw(names: tuple[str, ...], allowed: tuple[str, ...] | None, shape: tuple[
     return idx[torch.randint(len(idx), shape, generator=g)]
 
 
-def clip_truths(spec: SpecBatch, num_frames: int = 16) -> list[ClipTruth]:
+def clip_truths(spec: SpecBatch, num_frames: int = CLIP_FRAMES) -> list[ClipTruth]:
     """Ground truth records (names, per-frame centres and scales) of every clip in the batch."""
     centres, scales = trajectories(spec.to("cpu"), num_frames)
     prompts = spec_prompts(spec)
@@ -194,7 +194,7 @@ def heldout_prompts() -> frozenset[str]:
     return frozenset(spec_prompts(heldout_specs()))
 
 
-def make_clip(seed: int, num_frames: int = 16, size: int = 64, device: str = "cpu") -> tuple[torch.Tensor, ClipTruth]:
+def make_clip(seed: int, num_frames: int = CLIP_FRAMES, size: int = CLIP_SIZE, device: str = "cpu") -> tuple[torch.Tensor, ClipTruth]:
     """One clip from an integer seed: video [3, F, H, W] in [-1, 1] and its ground truth."""
     spec = sample_specs(1, torch.Generator().manual_seed(seed), size=size)
     return render(spec.to(device), num_frames, size)[0], clip_truths(spec, num_frames)[0]
