@@ -174,19 +174,14 @@ class SkipCache(SparseMethod):
         self._sync(state, base_plan, (B, H, NQ, NK, base_plan.kv_counts.device))
         base_counts = base_plan.kv_counts
         cap = torch.floor(base_counts.float() * opts.max_skip).to(torch.int32)
-        if state.bits is None:  # first sparse call (or after invalidation): the full base plan fills the cache
-            state.updates += 1
-            state.interval, state.next_update = opts.update_every, call + opts.update_every
-            state.pending = {"tol": tol, "cap_left": cap}
-            self._count(layer_name, base_counts, base_counts)
-            return base_plan
-        learning = call >= state.next_update
-        empty = state.empty.peek()  # True once the last learning call is known to have cached no skip
+        first = state.bits is None  # first sparse call (or after invalidation): the full base plan fills the cache
+        learning = first or call >= state.next_update
+        empty = state.empty.peek()  # True once the last learning call is known to have cached no skip (never first)
         if learning:
             idle = empty is True and opts.max_idle_interval > opts.update_every
             state.interval = min(2 * state.interval, opts.max_idle_interval) if idle else opts.update_every
             state.next_update = call + state.interval
-        if empty is True:  # nothing cached: the base plan is the plan (no new plan object to prepare)
+        if first or empty is True:  # nothing cached: the base plan is the plan (no new plan object to prepare)
             if learning:  # every row runs its whole base row, as a re-check would
                 state.updates += 1
                 state.pending = {"tol": tol, "cap_left": cap}
