@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_sparse.methods import split_method_list, split_method_options
+from dit_sparse.methods import method_configs, split_method_list, split_method_options
+from dit_sparse.methods.skip import SkipConfig
+from dit_sparse.methods.window3d import Window3DConfig
 
 from .bench_cli import add_output_options, bench_each, cuda_device_name, write_results
 
@@ -129,14 +131,14 @@ def _cycle(spec: str) -> int:
     window3d's classify_every and skip's update_every and max_idle_interval (each method of a chain repeats with
     its own period)."""
     chain, opts = split_method_options(spec)  # options apply to the whole chain ("window3d+skip[tol=0.1]")
-    names = chain.split("+")
-    n = int(opts.get("replan_every", 1))
-    auto_heads = opts.get("pattern", "auto") == "auto" and "head_config" not in opts and "window" not in opts
-    if names[0] == "window3d" and auto_heads:
-        n = math.lcm(n, int(opts.get("classify_every", 5)))
-    if "skip" in names:  # learning every update_every calls, or every max_idle_interval while nothing is cached
-        n = math.lcm(n, int(opts.get("update_every", 1)), int(opts.get("max_idle_interval", 16)))
-    return max(n, 1)
+    n = 1
+    for cfg in method_configs(chain, opts):  # the options as the methods read them, defaults included
+        n = math.lcm(n, getattr(cfg, "replan_every", 1))
+        if isinstance(cfg, Window3DConfig) and cfg.pattern == "auto" and cfg.head_config is None and cfg.window is None:
+            n = math.lcm(n, cfg.classify_every)  # the online head choice
+        if isinstance(cfg, SkipConfig):  # learning every update_every calls, or max_idle_interval while idle
+            n = math.lcm(n, cfg.update_every, cfg.max_idle_interval)
+    return n
 
 
 def bench_shape(key: str, methods: list[str], sparsity: float, steps: int, backend: str, reorder: bool = True

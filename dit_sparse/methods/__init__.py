@@ -23,7 +23,7 @@ from .window3d import Window3D
 
 __all__ = [
     "DenseAttention", "FullPlan", "PooledBlocks", "SemanticPermutation", "SkipCache", "Window3D",
-    "available_methods", "build_method", "method_class", "parse_method", "split_method_list",
+    "available_methods", "build_method", "method_class", "method_configs", "parse_method", "split_method_list",
     "split_method_options",
 ]
 
@@ -96,6 +96,21 @@ def parse_method(spec: str) -> list[type[SparseMethod]]:
 def build_method(spec: str, sparsity: float, options: dict[str, Any]) -> tuple[SparseMethod, list[Any]]:
     """Instantiate the method chain of `spec`, dealing each option to the config that declares it."""
     classes = parse_method(spec)
+    configs = _configs(spec, classes, options)
+    method: SparseMethod | None = None
+    for cls, cfg in zip(classes, configs):
+        method = cls(sparsity, cfg, base=method) if cls.wraps else cls(sparsity, cfg)
+    assert method is not None
+    return method, configs
+
+
+def method_configs(spec: str, options: dict[str, Any]) -> list[Any]:
+    """The config of every method of `spec`'s chain (base first), each option dealt to the config that
+    declares it, without building the methods."""
+    return _configs(spec, parse_method(spec), options)
+
+
+def _configs(spec: str, classes: list[type[SparseMethod]], options: dict[str, Any]) -> list[Any]:
     remaining = dict(options)
     configs = []
     for cls in classes:
@@ -108,8 +123,4 @@ def build_method(spec: str, sparsity: float, options: dict[str, Any]) -> tuple[S
     if remaining:
         allowed = sorted({f.name for cls in classes for f in dataclasses.fields(cls.Config)})
         raise ConfigError(f"unknown option(s) {sorted(remaining)} for method {spec!r}; allowed: {allowed}")
-    method: SparseMethod | None = None
-    for cls, cfg in zip(classes, configs):
-        method = cls(sparsity, cfg, base=method) if cls.wraps else cls(sparsity, cfg)
-    assert method is not None
-    return method, configs
+    return configs
