@@ -15,8 +15,9 @@ from typing import Any
 from .clip_render import CLIP_FRAMES, CLIP_SIZE
 
 DENSITY_TARGET = 0.4  # issue 15: median share of key blocks holding 90% of the attention mass
+# Options that do not change the weights; --max-minutes differs per run and is listed in the runs table.
 _SKIP_ARGS = {"out", "eval_only", "eval_out", "bench", "log_every", "checkpoint", "resume", "attention_only",
-              "card"}
+              "card", "max_minutes", "eval", "eval_steps", "guidance", "shift"}
 
 
 def _read(path: Path) -> Any:
@@ -75,6 +76,11 @@ def _training_section(log: dict | None) -> list[str]:
              f"{log['clips_seen']:,} clips; {log.get('params', 0):,} parameters."]
     if last_loss is not None:
         lines.append(f"Last logged loss {last_loss[1]:.4f} at step {last_loss[0]:,} (all of them: train_log.json).")
+    if len(runs) > 1:  # a resumed training: what each run did (a slow run shared its GPU or compiled longer)
+        lines += ["", "| run | steps | minutes | steps/s | device |", "|---|---|---|---|---|"]
+        for i, run in enumerate(runs, 1):
+            lines.append(f"| {i} | {run.get('run_steps', run['steps']):,} | {run['wall_s'] / 60:.1f} | "
+                         f"{run['steps_per_s']:.2f} | {run.get('device')} |")
     return lines + [""]
 
 
@@ -125,12 +131,40 @@ def model_card(folder: str | Path, eval_dir: str | Path | None = None) -> str:
     lines += _training_section(_read(folder / "train_log.json"))
     lines += _eval_section(_read(Path(eval_dir or folder) / "eval.json"))
     if (folder / "samples.png").is_file():
-        lines += ["![held-out samples](samples.png)", ""]
+        lines += ["Held-out samples (one row per prompt, every frame; the evaluation's chosen sampling settings):",
+                  "", "![held-out samples](samples.png)", ""]
+        prompts = _read(folder / "samples.json")
+        if prompts:
+            lines += [f"{i + 1}. {p}" for i, p in enumerate(prompts)] + [""]
     return "\n".join(lines)
 
 
+def write_samples_png(folder: str | Path, eval_dir: str | Path, rows: int = 8) -> Path | None:
+    """Render the first `rows` held-out videos of eval_dir/samples.npz as folder/samples.png (one row per
+    prompt, frames left to right) and their prompts as folder/samples.json; None when there is no samples.npz."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    src = Path(eval_dir) / "samples.npz"
+    if not src.is_file():
+        return None
+    with np.load(src) as data:
+        videos, prompts = data["videos"][:rows], [str(p) for p in data["prompts"][:rows]]
+    n, f, h, w, c = videos.shape
+    grid = np.full((n * (h + 2), f * (w + 2), c), 255, dtype=np.uint8)  # 2-pixel white gutters
+    for i in range(n):
+        for j in range(f):
+            grid[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = videos[i, j]
+    out = Path(folder) / "samples.png"
+    iio.imwrite(out, grid)
+    (Path(folder) / "samples.json").write_text(json.dumps(prompts, indent=1))
+    return out
+
+
 def write_model_card(folder: str | Path, eval_dir: str | Path | None = None) -> Path:
-    """Write `model_card(folder, eval_dir)` to folder/MODEL_CARD.md (replacing an earlier generated one)."""
+    """Write `model_card(folder, eval_dir)` to folder/MODEL_CARD.md (replacing an earlier generated one), with
+    folder/samples.png from the evaluation's samples when there are any."""
+    write_samples_png(folder, eval_dir or folder)
     out = Path(folder) / "MODEL_CARD.md"
     out.write_text(model_card(folder, eval_dir))
     return out

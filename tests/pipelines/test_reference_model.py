@@ -247,6 +247,32 @@ def test_model_card_reads_every_figure_from_the_folder(tmp_path):
     assert "| **ema** | **3.0** | **3.0** | **60.0%** | **90.0%** | **75.0%** | **70.0%** |" in text
     assert "Median share of blocks for 90% of the mass: 35.0% (meets the target of 40.0%)" in text
     assert "Per path: left 50.0%" in text
+    assert "samples.png" not in text  # no samples.npz: no picture promised
+
+
+def test_model_card_lists_resumed_runs_and_renders_samples(tmp_path):
+    import imageio.v3 as iio
+    import numpy as np
+
+    out, ckpt = tmp_path / "ref", tmp_path / "state.pt"
+    common = ["--tiny", "--batch", "2", "--compile", "none", "--out", str(out), "--checkpoint", str(ckpt),
+              "--resume", "--frames", "3", "--patch", "8", "--total-minutes", "1e6"]
+    assert tr.main([*common, "--run-steps", "2"]) == 0
+    assert tr.main([*common, "--run-steps", "3"]) == 0
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    rng = np.random.default_rng(0)
+    videos = rng.integers(0, 256, size=(10, 3, 64, 64, 3), dtype=np.uint8)
+    np.savez_compressed(ev / "samples.npz", videos=videos, prompts=np.array([f"prompt {i}" for i in range(10)]))
+    assert tr.main(["--card", str(out), "--eval-out", str(ev)]) == 0
+    text = (out / "MODEL_CARD.md").read_text()
+    assert "5 optimizer steps in 2 run(s)" in text
+    assert "| 1 | 2 |" in text and "| 2 | 3 |" in text
+    assert "--max-minutes" not in text and "--run-steps" in text
+    grid = iio.imread(out / "samples.png")
+    assert grid.shape == (8 * 66, 3 * 66, 3)  # 8 prompts x 3 frames, 2-pixel gutters
+    assert (grid[66:130, 132:196] == videos[1, 2]).all()
+    assert "8. prompt 7" in text and "9. prompt 8" not in text
 
 
 def test_curriculum_draws_easy_clips_first():
