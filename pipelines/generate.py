@@ -21,8 +21,9 @@ from .video_io import VIDEO_EXTENSIONS, OutputPathError, check_video_path, write
 
 DEFAULT_PROMPT = "a red disc moves right and a blue square moves up on a striped background"
 # The method the committed evaluation (benchmarks/reference-eval/results.json) ranks best at sparsity 0.9
-# on the bundled model: window3d 17.8 dB PSNR vs dense, pooled 17.0, semantic 15.3.
-DEFAULT_METHOD = "window3d"
+# on the bundled model (v2, 2 held-out prompts, first 30% of steps dense): pooled 20.86 dB PSNR vs dense,
+# window3d 20.31, semantic 18.59.
+DEFAULT_METHOD = "pooled"
 EVAL_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "reference-eval" / "results.json"
 # Whole generations of the bundled model, sparse against dense, measured per device kind (README's figures).
 MAIN_COMMAND_TIMES = Path(__file__).resolve().parents[1] / "benchmarks" / "main-command.json"
@@ -156,7 +157,12 @@ def committed_quality(model: str, method: str, sparsity: float) -> str | None:
     for row in data.get("rows", []):
         if row.get("method") == method and abs(float(row.get("sparsity", -1)) - sparsity) < 1e-9 and row.get("psnr"):
             meta = data.get("meta", {})
-            where = ", ".join(str(x) for x in (meta.get("device"), meta.get("date")) if x)
+            setup = [meta.get("device"), meta.get("date")]
+            if meta.get("prompts"):
+                setup.append(f"{len(meta['prompts'])} held-out prompts")
+            if isinstance(meta.get("warmup_steps"), (int, float)) and meta["warmup_steps"] < 1:
+                setup.append(f"first {100 * meta['warmup_steps']:.0f}% of steps dense")
+            where = ", ".join(str(x) for x in setup if x)
             return (f"quality (committed evaluation{f', {where}' if where else ''}, not this run): PSNR "
                     f"{row['psnr']:.2f} dB vs dense; add --compare-dense to measure this run")
     return None

@@ -1,8 +1,9 @@
 """The bundled reference text-to-video DiT: configs, builders, a Diffusers pipeline, its saver and loader.
 
 The transformer is Diffusers' own `WanTransformer3DModel` (so Wan attention processors and everything
-built on them run unchanged) working directly in pixel space: 16 frames x 64 x 64 RGB with patch (1, 4, 4)
-gives 16 x 16 x 16 = 4,096 video tokens. Text comes from `ReferenceTextEncoder` through cross-attention.
+built on them run unchanged) working directly in pixel space: the bundled model v2 turns 8 frames x 64 x 64 RGB with patch (1, 2, 2) into
+8 x 32 x 32 = 8,192 video tokens (train-reference's defaults, the first model's, are 16 frames with patch
+(1, 4, 4): 4,096 tokens). Text comes from `ReferenceTextEncoder` through cross-attention.
 
 Supported entry point: `load_reference_pipeline(path=None, device=None, dtype=torch.bfloat16)`.
 """
@@ -24,9 +25,12 @@ from .clip_render import CLIP_FRAMES, CLIP_SIZE
 from .text_encoder import ReferenceTextEncoder
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "assets" / "reference-video-dit"
-TRAIN_COMMAND = "python -m dit_sparse.pipelines.train_reference --out assets/reference-video-dit"
+# The bundled model v2's recipe (assets/reference-video-dit/README.md); run it again until its 20 minutes are done.
+TRAIN_COMMAND = ("python -m dit_sparse.pipelines.train_reference --frames 8 --patch 2 --layers 4 --t-mean 0.5 "
+                 "--curriculum 0.2 --total-minutes 20 --max-minutes 9 --checkpoint state.pt --resume --eval "
+                 "--out assets/reference-video-dit")
 
-# The trained model (see assets/reference-video-dit/README.md for the recipe).
+# train-reference's architecture defaults (the first bundled model's; v2 trains with patch 2 and 4 layers).
 TRANSFORMER_CONFIG: dict[str, Any] = dict(
     patch_size=(1, 4, 4),
     num_attention_heads=4,

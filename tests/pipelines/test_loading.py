@@ -116,7 +116,7 @@ def test_reference_clip_frames_reads_the_folder(reference_folder, tmp_path):
     assert reference_clip_frames(str(tmp_path / "eight")) == 8
     assert reference_clip_frames("tiny") is None and reference_clip_frames(str(tmp_path / "nothing")) is None
     if (rm.DEFAULT_PATH / "model_index.json").is_file():
-        assert reference_clip_frames("bundled") == 16
+        assert reference_clip_frames("bundled") == 8  # model v2: 8 frames x 32 x 32 tokens
 
 
 def test_eval_scores_adherence_on_a_train_reference_folder(reference_folder, tmp_path, capsys):

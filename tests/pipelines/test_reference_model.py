@@ -116,9 +116,10 @@ def test_training_script_runs_and_saves_a_loadable_pipeline(tmp_path):
 def test_bundled_model_loads_and_runs():
     p = rm.load_reference_pipeline(device="cpu", dtype=torch.float32)
     cfg = p.transformer.config
-    assert tuple(cfg.patch_size) == (1, 4, 4) and cfg.attention_head_dim == 64
+    assert tuple(cfg.patch_size) == (1, 2, 2) and cfg.attention_head_dim == 64 and cfg.num_layers == 4
     out = p(PROMPTS[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0), num_frames=2).frames
     assert out.shape == (1, 2, 64, 64, 3)
+    assert p(PROMPTS[0], num_inference_steps=1, output_type="latent").frames.shape[2] == 8  # its clip length
 
 
 def test_training_resumed_from_a_checkpoint_continues_exactly(tmp_path):

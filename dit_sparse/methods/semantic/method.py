@@ -52,7 +52,7 @@ def fine_clusters(seq_len: int) -> tuple[int, int]:
     """(query clusters, key clusters) for the exact-cluster layout: S / 32 and S / 8 (128 / 512 at 4,096
     tokens), at least 8 / 32, at most 256 / 1,024 and S.
 
-    Measured on the bundled model (4,096 tokens; CPU eval of 2026-12-01, 2 prompts, PSNR vs dense at
+    Measured on the first bundled model (v1, 4,096 tokens; CPU eval of 2026-12-01, 2 prompts, PSNR vs dense at
     sparsity 0.75 / 0.9 / 0.95): 128 / 512 clusters with the whole budget (top_p 1.0) gave 20.6 / 18.2 /
     16.7 dB against 16.6 / 15.7 / 15.3 dB with `default_clusters` (32 / 128) and top_p 0.9, and pooled
     18.4 / 17.4 / 17.1 dB. Short sequences take this layout (`layout="auto"` below 8,192 video
