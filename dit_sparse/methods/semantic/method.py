@@ -68,7 +68,7 @@ class SemanticConfig:
     """Options of the "semantic" method (see the module docstring).
 
     num_q_clusters / num_k_clusters: None = `fine_clusters(video tokens)` in the exact-cluster layout
-        below 8,192 video tokens, `default_clusters(video tokens)` otherwise.
+        below 8,192 video tokens, `default_clusters(video tokens)` otherwise (48 / 160 at 8,192).
     top_p: attention mass per query cluster after which no more key clusters are added (1.0, the default,
         spends the whole pair budget: on the bundled model that measured better at every sparsity).
     min_kc_ratio: fraction of key clusters every query cluster takes before top-p candidates (at
@@ -83,7 +83,9 @@ class SemanticConfig:
         (exact clusters, variable sizes: the kernel's 128-row tiles run partly empty on small clusters).
         "blocks": fixed `block_size` blocks of the cluster-sorted order, each scored by the exact mean of
         its tokens (computed from the centroids, no pass over the tokens): every tile is full and the
-        fastest fixed-block kernels run the plan. "auto": blocks from 8,192 video tokens on, clusters below.
+        fastest fixed-block kernels run the plan. "auto": blocks from 16,384 video tokens on, clusters below
+        (on the bundled model v2, 8,192 tokens, clusters kept 28.0 / 22.4 dB at sparsity 0.75 / 0.9 where
+        blocks kept 21.9 / 18.6: CPU, 2 prompts, first 30% of steps dense, BENCHMARKS.md section 4).
     block_size: tokens per block in the "blocks" layout.
     """
 
@@ -151,7 +153,7 @@ class SemanticPermutation(SparseMethod):
         # Fine clusters pay off where ranges are cheap: short sequences in the exact-cluster layout. From
         # 8,192 tokens the clusters layout keeps the coarser counts too (at CogVideoX's 17,550 video tokens
         # 256 / 1,024 fine clusters made the call 3.5x slower on an H200).
-        fine = not self.blocked(video_tokens) and video_tokens < _AUTO_BLOCKS_FROM
+        fine = not self.blocked(video_tokens) and video_tokens < _FINE_CLUSTERS_BELOW
         nq, nk = fine_clusters(video_tokens) if fine else default_clusters(video_tokens)
         o = self.options
         nq = min(o.num_q_clusters or nq, video_tokens)
@@ -277,7 +279,8 @@ def _with_text(x: Tensor, km: KMeansResult, start: int, n: int) -> tuple[Tensor,
     return torch.cat([perm, text_idx], -1), torch.cat([off, end], -1), torch.cat([means, text_mean], 2)
 
 
-_AUTO_BLOCKS_FROM = 8192  # video tokens from which layout="auto" uses fixed blocks
+_AUTO_BLOCKS_FROM = 16384  # video tokens from which layout="auto" uses fixed blocks (CogVideoX, Wan, ...)
+_FINE_CLUSTERS_BELOW = 8192  # video tokens below which the clusters layout takes `fine_clusters`
 
 
 def _block_means(offsets: Tensor, centroids: Tensor, b0: Tensor, b1: Tensor) -> Tensor:

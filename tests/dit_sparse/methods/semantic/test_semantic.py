@@ -60,6 +60,9 @@ def test_exact_cluster_layout_uses_fine_clusters_and_blocks_the_default_ones():
     method, _ = build_method("semantic", 0.9, {})
     assert method.cluster_counts(4096) == (128, 512)  # "auto": exact clusters below 8,192 tokens
     assert method.cluster_counts(32760) == sem.default_clusters(32760)  # blocks layout above
+    # 8,192-16,383 tokens (the bundled model v2): exact clusters, with the default (coarser) counts
+    assert not method.blocked(8192) and method.blocked(16384) and method.blocked(32760)
+    assert method.cluster_counts(8192) == sem.default_clusters(8192) == (48, 160)
     forced, _ = build_method("semantic", 0.9, {"layout": "clusters", "num_k_clusters": 300})
     assert forced.cluster_counts(32760) == (128, 300)  # explicit counts win; long sequences keep coarse ones
     clusters, _ = build_method("semantic", 0.9, {"layout": "clusters"})
