@@ -146,6 +146,11 @@ def _generate(ns: argparse.Namespace, loaded, device: torch.device, out_path, se
     return 0
 
 
+def _same_setting(row: dict, method: str, sparsity: float) -> bool:
+    """Whether a committed row (evaluation or timing) measured this method at this sparsity."""
+    return row.get("method") == method and abs(float(row.get("sparsity", -1)) - sparsity) < 1e-9
+
+
 def committed_quality(model: str, method: str, sparsity: float) -> str | None:
     """What the committed evaluation measured for this method and sparsity on the bundled model, labelled
     as such (None for other models, or when the evaluation has no such row or is not shipped)."""
@@ -155,7 +160,7 @@ def committed_quality(model: str, method: str, sparsity: float) -> str | None:
 
     data = json.loads(EVAL_RESULTS.read_text())
     for row in data.get("rows", []):
-        if row.get("method") == method and abs(float(row.get("sparsity", -1)) - sparsity) < 1e-9 and row.get("psnr"):
+        if _same_setting(row, method, sparsity) and row.get("psnr"):
             meta = data.get("meta", {})
             setup = [meta.get("device"), meta.get("date")]
             if meta.get("prompts"):
@@ -177,8 +182,7 @@ def committed_speed(model: str, method: str, sparsity: float, device_type: str, 
     import json
 
     for run in json.loads(MAIN_COMMAND_TIMES.read_text()).get("runs", []):
-        if (run.get("device") == device_type and run.get("method") == method and run.get("steps") == steps
-                and abs(float(run.get("sparsity", -1)) - sparsity) < 1e-9):
+        if run.get("device") == device_type and run.get("steps") == steps and _same_setting(run, method, sparsity):
             ratio = run["dense_s"] / run["sparse_s"]
             verdict = f"{ratio:.2f}x faster than dense" if ratio >= 1 else f"{1 / ratio:.2f}x slower than dense"
             return (f"speed (committed measurement, {run['machine']}, {run['date']}, not this run): {verdict} end to "

@@ -3,7 +3,8 @@
 The transformer is Diffusers' own `WanTransformer3DModel` (so Wan attention processors and everything
 built on them run unchanged) working directly in pixel space: the bundled model v2 turns 8 frames x 64 x 64
 RGB with patch (1, 2, 2) into 8 x 32 x 32 = 8,192 video tokens (train-reference's defaults, the first
-model's, are 16 frames with patch (1, 4, 4): 4,096 tokens). Text comes from `ReferenceTextEncoder` through cross-attention.
+model's, are 16 frames with patch (1, 4, 4): 4,096 tokens). Text comes from `ReferenceTextEncoder` through
+cross-attention.
 
 Supported entry point: `load_reference_pipeline(path=None, device=None, dtype=torch.bfloat16)`.
 """

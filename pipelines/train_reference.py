@@ -32,6 +32,17 @@ from .reference_model import ReferenceVideoPipeline, build_scheduler, save_pipel
 from .reference_trainer import bench, train
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of the model-size options: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("assets/reference-video-dit"), help="pipeline folder")
@@ -71,7 +82,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, default=4, choices=[1, 2, 4, 8], help="spatial patch size of the transformer")
     for flag, what in (("--heads", "attention heads"), ("--head-dim", "head dim"), ("--ffn", "MLP width"),
                        ("--layers", "transformer blocks")):
-        p.add_argument(flag, type=int, default=None, help=f"{what} (default: the bundled model's; see reference_model)")
+        p.add_argument(flag, type=_positive_int, default=None,
+                       help=f"{what} (default: the bundled model's; see reference_model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="toy-size model (CPU smoke tests only)")
     p.add_argument("--compile", choices=["none", "blocks"], default="blocks", help="regional torch.compile")
@@ -93,9 +105,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--curriculum is a fraction of the training in [0, 1], got {args.curriculum}")
     if args.frames < 2:
         p.error(f"--frames must be at least 2 (motion needs frames), got {args.frames}")
-    for name in ("heads", "head_dim", "ffn", "layers"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     return args
 
 

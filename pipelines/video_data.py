@@ -52,7 +52,7 @@ def sample_specs(
     *,
     two_object_prob: float = 0.3,
     pan_prob: float = 0.25,
-    size: int = 64,
+    size: int = CLIP_SIZE,
     exclude_prompts: set[str] | frozenset[str] | None = None,
     paths: tuple[str, ...] | None = None,
     textures: tuple[str, ...] | None = None,
