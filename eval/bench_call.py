@@ -46,7 +46,7 @@ SHAPES = {
     "wan1.3b-480p": CallShape(1, 12, 128, (21, 30, 52), reorders=True),
     "cogvideox-5b-cfg": CallShape(2, 48, 64, (13, 30, 45), text=226, text_first=True),
     "wan14b-720p": CallShape(1, 40, 128, (21, 45, 80), reorders=True),
-    "bundled": CallShape(1, 4, 64, (16, 16, 16), reorders=True),  # the bundled model (one CFG branch per call)
+    "bundled": CallShape(1, 4, 64, (8, 32, 32), reorders=True),  # the bundled model v2 (one CFG branch per call)
 }
 METHODS = "window3d,window3d[block=128],semantic,semantic[layout=clusters],pooled,window3d+skip"
 
