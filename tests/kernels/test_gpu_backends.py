@@ -170,6 +170,45 @@ def test_graphed_planning_replays_the_eager_plan(spec, monkeypatch):
         assert abs(gp.density() - ep.density()) < 0.01
 
 
+@pytest.mark.parametrize("kind", ["fixed", "ranges"])
+@pytest.mark.parametrize("stats", [False, True])
+def test_graphed_launch_metadata_matches_the_eager_one(kind, stats):
+    """Kernel preparation of a new plan replays a CUDA graph per plan signature: a second plan of the same
+    signature (other ranges, other selection, other permutations) must get exactly its own eager metadata."""
+    from dit_sparse.kernels import triton_backend as tb
+
+    g = torch.Generator(device="cuda").manual_seed(5 + stats)
+    B, H, S = 2, 3, 1000
+
+    def plan():
+        if kind == "fixed":
+            return BlockPlan.from_block_mask(torch.rand(B, H, 16, 16, device="cuda", generator=g) < 0.4, 64, S)
+        cuts = [torch.rand(B * H, n - 1, device="cuda", generator=g).mul(S).long().sort(-1).values for n in (9, 17)]
+        qo, ko = (torch.cat([torch.zeros_like(c[:, :1]), c, torch.full_like(c[:, :1], S)], -1).view(B, H, -1).int()
+                  for c in cuts)
+        perms = [torch.argsort(torch.rand(B, H, S, device="cuda", generator=g), -1) for _ in range(2)]
+        mask = torch.rand(B, H, 8, 16, device="cuda", generator=g) < 0.5
+        return BlockPlan.from_range_mask(mask, qo, ko, q_perm=perms[0], k_perm=perms[1], seq_lens=(S, S))
+
+    cfg = tb.KernelConfig(64, 64, 4, 2)
+    before = tb._PREP_GRAPHS.replays
+    for _ in range(3):  # eager and recorded, then replays
+        p = plan()
+        chunks, tiles, perms = tb.prepare(p, S, S, cfg, stats)
+    assert tb._PREP_GRAPHS.replays == before + 2
+    want = tb._prepare_tensors(*(getattr(p, n) for n in tb._PLAN_FIELDS if getattr(p, n) is not None),
+                               names=tuple(n for n in tb._PLAN_FIELDS if getattr(p, n) is not None),
+                               block_size=p.block_size, seq_lens=p.seq_lens, sq=S, sk=S, block_m=64, block_n=64,
+                               stats=stats and kind != "fixed")
+    got = (chunks.starts, chunks.ends, chunks.slots, chunks.counts, chunks.tok_range, chunks.slot_of, tiles.tiles,
+           tiles.q_offsets, perms["q"], perms["k"])
+    for name, x, y in zip(("starts", "ends", "slots", "counts", "tok_range", "slot_of", "tiles", "q_offsets", "q",
+                           "k"), got, want):
+        assert (x is None) == (y is None), name
+        assert x is None or torch.equal(x, y), name
+    assert chunks.straddle == (stats and kind != "fixed")
+
+
 @pytest.mark.parametrize("D", [64, 128])
 def test_block_sums_kernel_matches_float32(D):
     """window3d's head-choice sums on the GPU: bf16 inputs in Diffusers' layout, a short last block."""
