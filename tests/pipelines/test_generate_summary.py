@@ -11,9 +11,11 @@ def test_default_method_is_the_committed_evaluations_best_at_0_9():
 
 def test_summary_quotes_the_committed_evaluation_labelled_as_such():
     text = gen.committed_quality("bundled", "window3d", 0.9)
-    assert "committed evaluation" in text and "20.31 dB" in text and "not this run" in text
-    assert "2 held-out prompts" in text and "first 30% of steps dense" in text  # the protocol, with the figure
-    assert "20.86 dB" in gen.committed_quality("bundled", "pooled", 0.9)
+    assert "committed evaluation" in text and "21.53 dB" in text and "not this run" in text
+    assert "8 held-out prompts" in text and "first 30% of steps dense" in text  # the protocol, with the figure
+    assert "NVIDIA H200" in text
+    assert "20.30 dB" in gen.committed_quality("bundled", "pooled", 0.9)
+    assert "22.45 dB" in gen.committed_quality("bundled", gen.DEFAULT_METHOD, 0.9)
     assert gen.committed_quality("tiny", "window3d", 0.9) is None
     assert gen.committed_quality("bundled", "window3d", 0.8) is None
     assert gen.committed_quality("bundled", "semantic+skip", 0.9) is None  # not in the committed evaluation
@@ -36,9 +38,9 @@ def test_summary_quotes_committed_times_for_this_device_labelled_as_such(tmp_pat
     assert gen.committed_speed("bundled", "window3d", 0.9, "cpu", steps=2) is None  # another command
 
 
-def test_the_committed_main_command_times_cover_the_default_on_the_cpu():
-    """Model v2's GPU timing is not measured yet: the command quotes none (v1's rows are kept aside, unquoted)."""
+def test_the_committed_main_command_times_cover_the_default_on_both_devices():
     data = json.loads(gen.MAIN_COMMAND_TIMES.read_text())
-    assert gen.committed_speed("bundled", gen.DEFAULT_METHOD, 0.9, "cpu") is not None
+    for device in ("cpu", "cuda"):
+        assert gen.committed_speed("bundled", gen.DEFAULT_METHOD, 0.9, device) is not None, device
     assert all(r["sparse_s"] > 0 and r["dense_s"] > 0 and r["command"] and r["model"] for r in data["runs"])
-    assert all("v2" in r["model"] for r in data["runs"])
+    assert all("v2" in r["model"] for r in data["runs"])  # rows of model v1 live under earlier_models, unquoted
