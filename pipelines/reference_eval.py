@@ -26,6 +26,16 @@ EVAL_SEED_BASE = 10_000  # noise seeds of the evaluation videos (sample i uses E
 VALIDATION_SEED = 777  # prompt set used to choose sampling settings (distinct from the held-out set)
 
 
+def rotated_qk(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys [B, S, H, D] of a Wan self-attention module, after its norms and RoPE, as its
+    processor computes them."""
+    q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+    k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        q, k = apply_wan_rope(q, *rotary_emb), apply_wan_rope(k, *rotary_emb)
+    return q, k
+
+
 class _BlockMassProcessor:
     """Wraps a Wan processor; on self-attention, records the attention mass between 64-token blocks."""
 
@@ -34,10 +44,7 @@ class _BlockMassProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is None:
-            q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-            k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-            if rotary_emb is not None:
-                q, k = apply_wan_rope(q, *rotary_emb), apply_wan_rope(k, *rotary_emb)
+            q, k = rotated_qk(attn, hidden_states, rotary_emb)
             b, s, h, d = q.shape
             nb = s // self.block
             out = torch.empty(b, h, nb, nb, device=q.device)

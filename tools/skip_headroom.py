@@ -35,8 +35,8 @@ def capture_qk(pipe, t: float, clips: int) -> list[tuple[torch.Tensor, torch.Ten
     """[(q, k)] of every self-attention call of one transformer forward at noise level t, each [N, H, S, D]."""
     from dit_sparse.pipelines.clip_prompts import spec_prompts
     from dit_sparse.pipelines.clip_render import render
+    from dit_sparse.pipelines.reference_eval import rotated_qk
     from dit_sparse.pipelines.video_data import heldout_specs
-    from dit_sparse.pipelines.wan import apply_wan_rope
 
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -46,10 +46,7 @@ def capture_qk(pipe, t: float, clips: int) -> list[tuple[torch.Tensor, torch.Ten
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
             if encoder_hidden_states is None:
-                q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-                k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-                if rotary_emb is not None:
-                    q, k = apply_wan_rope(q, *rotary_emb), apply_wan_rope(k, *rotary_emb)
+                q, k = rotated_qk(attn, hidden_states, rotary_emb)
                 captured.append((q.transpose(1, 2).float(), k.transpose(1, 2).float()))
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
