@@ -131,6 +131,11 @@ def test_eval_tiny_writes_report(tmp_path):
     assert rc == 0
     for name in ("results.json", "report.md", "report.html", "pareto.png"):
         assert (tmp_path / name).stat().st_size > 0
+    import datetime
+    import json
+
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert datetime.date.fromisoformat(meta["date"])  # the summary quotes it with the figures
 
 
 def test_bench_needs_a_gpu_or_says_so(capsys):
