@@ -74,6 +74,9 @@ def _training_section(log: dict | None) -> list[str]:
              f"Device {log.get('device')}, torch {log.get('torch')}; {log['steps']:,} optimizer steps in "
              f"{len(runs)} run(s), {log.get('minutes_total', log['wall_s'] / 60):.1f} min in all; "
              f"{log['clips_seen']:,} clips; {log.get('params', 0):,} parameters."]
+    if log.get("args", {}).get("init_from"):
+        lines.append(f"Started from the weights of `{log['args']['init_from']}` (fresh optimizer and schedule): "
+                     "its own training comes on top of the figures here (see that folder's card).")
     if last_loss is not None:
         lines.append(f"Last logged loss {last_loss[1]:.4f} at step {last_loss[0]:,} (all of them: train_log.json).")
     if len(runs) > 1:  # a resumed training: what each run did (a slow run shared its GPU or compiled longer)

@@ -3,6 +3,9 @@
 Long trainings run as several runs (`train_reference --checkpoint FILE --resume`): a checkpoint holds the
 weights, the optimizer, the EMA, the data and noise generators and the step, plus the minutes trained and
 the logs of the runs so far. Resuming on the same device continues bitwise as if the run had not stopped.
+
+Without a checkpoint a training can still start from a saved pipeline (`--init-from FOLDER`, e.g. the
+bundled model): its weights only, with a fresh optimizer, schedule and step (fine-tuning, not resuming).
 """
 
 from __future__ import annotations
@@ -60,6 +63,29 @@ def load_trainer_state(trainer: Trainer, state: dict) -> None:
     trainer.data_gen.set_state(state["data_gen"])
     trainer.noise_gen.set_state(state["noise_gen"])
     trainer.step = int(state["step"])
+
+
+def init_from_pipeline(trainer: Trainer, folder: Path) -> None:
+    """Set `trainer`'s weights and EMA to those of the pipeline saved in `folder` (as `train_reference --out`
+    writes it: bf16 weights, widened to the trainer's dtype); the optimizer, schedule, step and generators
+    stay fresh. A folder of another model size or clip geometry is a clear error."""
+    from .reference_model import load_reference_pipeline
+
+    pipe = load_reference_pipeline(folder, device="cpu", dtype=torch.float32)
+    patch = tuple(pipe.transformer.config.patch_size)[-1]
+    if (pipe.config.num_frames, patch) != (trainer.args.frames, trainer.args.patch):
+        raise ValueError(f"{folder} holds a model of --frames {pipe.config.num_frames} --patch {patch}, this run asks "
+                         f"for --frames {trainer.args.frames} --patch {trainer.args.patch}: pass the same clip geometry")
+    saved = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
+    if [tuple(p.shape) for p in saved] != [tuple(p.shape) for p in trainer.params]:
+        raise ValueError(f"{folder} holds another model size (--tiny, --heads, --head-dim, --ffn or --layers "
+                         "differ?): pass the options it was trained with")
+    with torch.no_grad():
+        for p, w in zip(trainer.params, saved):
+            p.copy_(w)
+        for e, w in zip(trainer.ema or [], saved):
+            e.copy_(w)
+    print(f"starting from the weights in {folder} (fresh optimizer and schedule)", flush=True)
 
 
 def resume(trainer: Trainer, path: Path) -> tuple[float, list]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .clip_prompts import spec_prompts
 from .clip_render import CLIP_SIZE, render
-from .reference_checkpoint import resume, save_checkpoint
+from .reference_checkpoint import init_from_pipeline, resume, save_checkpoint
 from .reference_model import ReferenceVideoPipeline, build_scheduler, build_text_encoder, build_transformer
 from .video_data import heldout_prompts, sample_specs
 
@@ -179,6 +179,8 @@ def train(args: argparse.Namespace, device: torch.device) -> tuple[Trainer, dict
     minutes_before, history = 0.0, []
     if args.resume and args.checkpoint is not None and args.checkpoint.exists():
         minutes_before, history = resume(trainer, args.checkpoint)
+    elif args.init_from is not None:
+        init_from_pipeline(trainer, args.init_from)
     if args.compile == "blocks":
         trainer.transformer.compile_repeated_blocks(fullgraph=False)
     losses: list[tuple[int, float]] = []

@@ -63,6 +63,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "written at the end of the run",
     )
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
+    p.add_argument("--init-from", type=Path, default=None, metavar="FOLDER",
+                   help="start from the weights of a saved pipeline (e.g. assets/reference-video-dit) with a fresh "
+                        "optimizer and schedule; a checkpoint that --resume finds takes precedence")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=7e-4)
     p.add_argument("--warmup", type=int, default=200)
@@ -105,6 +108,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--curriculum is a fraction of the training in [0, 1], got {args.curriculum}")
     if args.frames < 2:
         p.error(f"--frames must be at least 2 (motion needs frames), got {args.frames}")
+    if args.init_from is not None and not (args.init_from / "model_index.json").is_file():
+        p.error(f"--init-from: {args.init_from} is not a saved pipeline folder (no model_index.json)")
     return args
 
 

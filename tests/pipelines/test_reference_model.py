@@ -303,3 +303,41 @@ def test_curriculum_draws_easy_clips_first():
     assert full.present[:, 1].any() or full.pan.any() or len(set(full.path[:, 0].tolist())) > 4
     with pytest.raises(SystemExit):
         tr._parse(["--curriculum", "1.5"])
+
+
+def test_init_from_a_saved_pipeline_starts_from_its_weights_with_a_fresh_optimizer(tmp_path):
+    """`--init-from FOLDER` (e.g. the bundled model) fine-tunes: weights and EMA from the folder, step and
+    optimizer fresh; a checkpoint that --resume finds wins; another size or geometry is refused."""
+    out = tmp_path / "ref"
+    assert tr.main(["--tiny", "--steps", "3", "--batch", "2", "--compile", "none", "--out", str(out)]) == 0
+    saved = rm.load_reference_pipeline(out, device="cpu", dtype=torch.float32)
+    want = [p for m in (saved.transformer, saved.text_encoder) for p in m.parameters()]
+    common = ["--tiny", "--batch", "2", "--compile", "none", "--max-minutes", "1e6"]
+    started, log = tr.train(tr._parse(common + ["--steps", "0", "--init-from", str(out)]), torch.device("cpu"))
+    assert started.step == 0 and log["args"]["init_from"] == str(out)
+    fresh = Trainer(tr._parse(common + ["--steps", "0"]), torch.device("cpu"))
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.params, want))  # a random start differs...
+    for a, b, e in zip(started.params, want, started.ema):
+        assert torch.equal(a, b) and torch.equal(e, b)  # ...the folder's start is its weights, EMA included
+    assert not started.opt.state  # no optimizer moments carried over
+    trained, _ = tr.train(tr._parse(common + ["--steps", "1", "--init-from", str(out)]), torch.device("cpu"))
+    assert trained.step == 1 and any(not torch.equal(a, b) for a, b in zip(trained.params, want))
+    # A checkpoint found by --resume takes precedence over --init-from.
+    ckpt = tmp_path / "state.pt"
+    tr.train(tr._parse(common + ["--steps", "2", "--checkpoint", str(ckpt)]), torch.device("cpu"))
+    resumed, _ = tr.train(tr._parse(common + ["--steps", "2", "--checkpoint", str(ckpt), "--resume",
+                                              "--init-from", str(out)]), torch.device("cpu"))
+    assert resumed.step == 2
+    with pytest.raises(ValueError, match="--frames 16 --patch 4"):
+        tr.train(tr._parse(common + ["--steps", "0", "--frames", "8", "--init-from", str(out)]), torch.device("cpu"))
+    with pytest.raises(ValueError, match="another model size"):
+        tr.train(tr._parse(["--batch", "2", "--compile", "none", "--steps", "0", "--init-from", str(out)]),
+                 torch.device("cpu"))
+    with pytest.raises(SystemExit):
+        tr._parse(common + ["--init-from", str(tmp_path / "missing")])
+    # The card of a model fine-tuned this way says where it started.
+    tuned = tmp_path / "tuned"
+    assert tr.main(common + ["--steps", "1", "--init-from", str(out), "--out", str(tuned)]) == 0
+    assert tr.main(["--card", str(tuned)]) == 0
+    text = (tuned / "MODEL_CARD.md").read_text()
+    assert f"Started from the weights of `{out}`" in text and f"--init-from {out}" in text
