@@ -28,7 +28,7 @@ class Backend:
     name: str
     run: Callable[..., AttentionResult]
     supports: Callable[[torch.Tensor, BlockPlan], str | None]  # None if supported, else the reason
-    tile_stats: bool = False  # computes AttentionResult.tile_max (needed by "skip")
+    tile_stats: bool = False  # computes AttentionResult.tile_lse (needed by "skip")
     lse: bool = True  # can return AttentionResult.lse
     # The part of `supports` that needs no tensor (device, dtype or None when not known yet): lets callers
     # such as the CLI reject e.g. `--backend triton --device cpu` before loading a model.

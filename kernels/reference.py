@@ -49,7 +49,7 @@ def reference_block_sparse_attention(
     NQ, NK = plan.num_q_blocks, plan.num_k_blocks
     out_p = torch.zeros(B, H, Sq, D, dtype=compute_dtype, device=q.device)
     lse_p = torch.full((B, H, Sq), -math.inf, dtype=torch.float32, device=q.device)
-    tile_max = torch.full((B, H, NQ, NK), -math.inf, dtype=torch.float32, device=q.device) if return_tile_stats else None
+    tile_lse = torch.full((B, H, NQ, NK), -math.inf, dtype=torch.float32, device=q.device) if return_tile_stats else None
 
     arange_chunk = torch.arange(chunk, device=q.device)
     for i in range(NQ):
@@ -88,20 +88,21 @@ def reference_block_sparse_attention(
             idx = torch.where(row_ok, pos, torch.full_like(pos, -1))
             _masked_row_write(out_p, idx, o)
             _masked_row_write(lse_p[..., None], idx, lse[..., None])
-            if tile_max is not None:
-                s_rows = s.masked_fill(~row_ok[..., None], -math.inf).amax(2).float()  # [B, H, kmax]
-                tm = torch.full((B, H, NK), -math.inf, dtype=torch.float32, device=q.device)
-                tm.scatter_reduce_(2, sel_range, s_rows, reduce="amax")
-                tile_max[:, :, i] = torch.maximum(tile_max[:, :, i], tm)
+            if tile_lse is not None:
+                # Each row's sum over each key range (selected keys are all in `ks`), then the max over rows.
+                sums = torch.zeros(B, H, p.shape[2], NK, dtype=p.dtype, device=q.device)
+                sums.scatter_add_(3, sel_range[:, :, None, :].expand(-1, -1, p.shape[2], -1), p)
+                row_lse = (m_safe + torch.log(sums)).float().masked_fill(~row_ok[..., None], -math.inf)
+                tile_lse[:, :, i] = torch.maximum(tile_lse[:, :, i], row_lse.amax(2))
 
     out, lse = to_token_order(out_p, plan.q_perm), to_token_order(lse_p, plan.q_perm)
     stats = None
-    if tile_max is not None:
-        stats = torch.gather(tile_max, 3, plan.kv_indices.long())
+    if tile_lse is not None:
+        stats = torch.gather(tile_lse, 3, plan.kv_indices.long())
         slot_ok = torch.arange(plan.kv_indices.shape[-1], device=q.device) < plan.kv_counts[..., None]
         stats = stats.masked_fill(~slot_ok, -math.inf)
     return AttentionResult(
-        out=out.to(q.dtype), lse=lse if return_lse else None, tile_max=stats
+        out=out.to(q.dtype), lse=lse if return_lse else None, tile_lse=stats
     )
 
 

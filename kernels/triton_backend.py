@@ -139,9 +139,8 @@ def _prepare_new(plan: BlockPlan, sq: int, sk: int, cfg: KernelConfig, stats: bo
                   block_m=cfg.block_m, block_n=cfg.block_n, stats=stats)
     flat = _PREP_GRAPHS.run(("triton.prep", *static.values()), functools.partial(_prepare_tensors, **static),
                             tuple(getattr(plan, n) for n in names))
-    starts, ends, slots, counts, tok_range, slot_of, tiles, q_offsets, q_perm, k_perm = flat
-    chunks = KeyChunks(starts=starts, ends=ends, slots=slots, counts=counts, straddle=tok_range is not None,
-                       tok_range=tok_range, slot_of=slot_of)
+    starts, ends, slots, counts, tiles, q_offsets, q_perm, k_perm = flat
+    chunks = KeyChunks(starts=starts, ends=ends, slots=slots, counts=counts)
     return chunks, QueryTiles(tiles=tiles, q_offsets=q_offsets), {"q": q_perm, "k": k_perm}
 
 
@@ -155,8 +154,7 @@ def _prepare_tensors(*tensors: Tensor, names: tuple[str, ...], block_size: tuple
     B, H = plan.batch, plan.heads
     q_perm, k_perm = (None if p is None else p.reshape(B * H, -1).to(torch.int32).contiguous()
                       for p in (plan.q_perm, plan.k_perm))
-    return (chunks.starts, chunks.ends, chunks.slots, chunks.counts, chunks.tok_range, chunks.slot_of,
-            tiles.tiles, tiles.q_offsets, q_perm, k_perm)
+    return chunks.starts, chunks.ends, chunks.slots, chunks.counts, tiles.tiles, tiles.q_offsets, q_perm, k_perm
 
 
 # ---------------------------------------------------------------------------------------- launch
@@ -181,11 +179,11 @@ def _launch(
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=dev) if return_lse else torch.empty(1, device=dev)
     maxk = plan.kv_indices.shape[-1]
-    NQ, NK = plan.num_q_blocks, plan.num_k_blocks
-    if return_tile_stats:
-        tm = torch.full((B, H, NQ, maxk), -math.inf, dtype=torch.float32, device=dev)
+    NQ = plan.num_q_blocks
+    if return_tile_stats:  # full runs and tail chunks of each slot, combined below
+        tm, tm2 = (torch.full((B, H, NQ, maxk), -math.inf, dtype=torch.float32, device=dev) for _ in range(2))
     else:
-        tm = torch.empty(1, dtype=torch.float32, device=dev)
+        tm = tm2 = torch.empty(1, dtype=torch.float32, device=dev)
     grid = (tiles.num, B * H)
     tma = use_tma and not perm_k and _tma_ok(k) and _tma_ok(v)
     if tma:
@@ -194,27 +192,26 @@ def _launch(
     else:
         k_arg, v_arg = k, v
     block_sparse_fwd[grid](
-        q, k_arg, v_arg, out, lse, tm,
+        q, k_arg, v_arg, out, lse, tm, tm2,
         qperm if qperm is not None else dummy_i,
         kperm if kperm is not None else dummy_i,
         tiles.tiles, tiles.q_offsets,
         chunks.starts, chunks.ends, chunks.slots, chunks.counts,
-        chunks.tok_range if chunks.tok_range is not None else dummy_i,
-        chunks.slot_of if chunks.slot_of is not None else dummy_i,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Sq, Sk, NQ, NK, chunks.starts.shape[-1], maxk, tiles.num,
+        H, Sq, Sk, NQ, chunks.starts.shape[-1], maxk, tiles.num,
         scale, scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         PERM_Q=perm_q, PERM_K=perm_k, PERM_O=perm_o,
-        HAS_LSE=return_lse, HAS_STATS=return_tile_stats, STRADDLE=return_tile_stats and chunks.straddle,
-        STATS_OWNED=return_tile_stats and not chunks.straddle and plan.block_size is not None
+        HAS_LSE=return_lse, HAS_STATS=return_tile_stats,
+        STATS_OWNED=return_tile_stats and plan.block_size is not None
         and plan.block_size[1] == cfg.block_n and plan.block_size[0] <= cfg.block_m,
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,
         TMA_KV=tma,
         WARP_SPEC=cfg.warp_specialize,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return AttentionResult(out=out, lse=lse if return_lse else None, tile_max=tm if return_tile_stats else None)
+    tile_lse = torch.logaddexp(tm, tm2) if return_tile_stats else None
+    return AttentionResult(out=out, lse=lse if return_lse else None, tile_lse=tile_lse)
 
 
 def _tma_ok(x: Tensor) -> bool:

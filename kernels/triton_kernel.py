@@ -3,9 +3,16 @@
 One program computes one query tile (at most BLOCK_M consecutive plan positions of one query range) for
 one (batch, head). It walks that range's key chunks (BLOCK_N consecutive plan positions each, see
 `triton_prep`) in two flat loops: first the chunks that are entirely valid (no masks at all), then the
-chunks that need a column bound (span tails, padded sequence tails, and - with statistics on - chunks
-that straddle two key ranges). Flat loops over a precomputed list keep Triton's software pipelining
-effective even when every span is a single chunk.
+chunks that need a column bound (span tails and padded sequence tails). Flat loops over a precomputed list
+keep Triton's software pipelining effective even when every span is a single chunk.
+
+Statistics (HAS_STATS, for the "skip" method): for every (query range, selected key range) the largest
+row log-sum-exp of the scaled logits over that key range's keys. The online softmax already sums each
+row's chunk (m_new + log2 of the row sum of p is the row's log-sum-exp over the chunk), so this costs one
+log per row and chunk. With statistics every selected key range is its own span (see `triton_prep`): a
+range's full chunks form one run, combined per row in registers and written once (max over rows: atomic
+max across query tiles), and its at most one masked chunk (the tail) goes to a second buffer; the two
+are combined after the kernel (log-add-exp of the two row maxima: an upper bound of the range's value).
 
 Q/K/V may be read through the plan's permutations (PERM_Q / PERM_K: a gather of whole rows, which stay
 contiguous in head_dim) and the output may be written scattered to original order (PERM_O).
@@ -17,6 +24,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -59,34 +67,33 @@ def _chunk_step(
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    l_ij = tl.sum(p, 1)
     v = _load_chunk(v_head, kidx, n_ok, svs, svd, offs_d, b, h, start,
                     MASKED=MASKED, TMA=TMA, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM)
     if UPCAST:
         acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, m_new, l_i, qk, row_max
+    return acc, m_new, l_i, l_ij
 
 
 @triton.jit
 def block_sparse_fwd(
-    Q, K, V, O, LSE, TM,  # noqa: E741 - attention operand names
+    Q, K, V, O, LSE, TM, TM2,  # noqa: E741 - attention operand names; TM / TM2: statistics (full / tail)
     QP, KP,  # int32 [BH, S]: plan position -> original token (read only when PERM_* is set)
     TILES,  # int32 [BH, T, 2]: (query range or -1, first plan row)
     QOFF,  # int32 [BH, NQ + 1]
     CST, CEN, CSL,  # int32 [BH, NQ, MAXC]: chunk start, chunk end (masked part), kv slot
     CNT,  # int32 [BH, NQ, 2]: (full chunks, masked chunks)
-    TOKR,  # int32 [BH, Sk]: key range of each plan key position (STRADDLE statistics only)
-    SLOTOF,  # int32 [BH, NQ, NK]: kv slot of each selected key range (STRADDLE statistics only)
     sqb, sqh, sqs, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
     sob, soh, sos, sod,
-    H, Sq, Sk, NQ, NK, MAXC, MAXK, T,
+    H, Sq, Sk, NQ, MAXC, MAXK, T,
     sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERM_Q: tl.constexpr, PERM_K: tl.constexpr, PERM_O: tl.constexpr,
-    HAS_LSE: tl.constexpr, HAS_STATS: tl.constexpr, STRADDLE: tl.constexpr,
+    HAS_LSE: tl.constexpr, HAS_STATS: tl.constexpr,
     STATS_OWNED: tl.constexpr,  # one tile per query range and one chunk per kv slot: plain stores
     UPCAST: tl.constexpr,  # dot in float32 (the CPU interpreter's bf16 dot is wrong)
     TMA_KV: tl.constexpr,  # K and V are host tensor descriptors (identity key order only)
@@ -125,7 +132,7 @@ def block_sparse_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    run_max = tl.max(m_i, 0)  # -inf: running max of the current slot's chunks (statistics)
+    run_lse = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # per row, over the current slot's run (log2)
 
     crow = bh.to(tl.int64) * NQ + r
     n_full = tl.load(CNT + crow * 2)
@@ -133,6 +140,7 @@ def block_sparse_fwd(
     cbase = crow * MAXC
     kp_head = KP + bh.to(tl.int64) * Sk
     tm_row = TM + crow * MAXK
+    tm2_row = TM2 + crow * MAXK
 
     # Chunks that are completely inside one selected span: no bounds, no masks.
     for c in tl.range(0, n_full, warp_specialize=WARP_SPEC):
@@ -142,50 +150,45 @@ def block_sparse_fwd(
             kidx = tl.load(kp_head + offs_n)
         else:
             kidx = offs_n
-        acc, m_i, l_i, qk, row_max = _chunk_step(
+        acc, m_i, l_i, l_ij = _chunk_step(
             q, acc, m_i, l_i, k_head, v_head, kidx, offs_n < Sk, sks, skd, svs, svd, offs_d, qk_scale, b, h, start,
             MASKED=False, UPCAST=UPCAST, TMA=TMA_KV, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
         )
         if HAS_STATS:
             # CSL packs slot * 4 + (first chunk of its slot) * 2 + (last chunk of its slot).
             code = tl.load(CSL + cbase + c)
-            tmax = tl.max(tl.where(m_ok, row_max, float("-inf")), 0) * sm_scale
+            c_lse = m_i + tl.math.log2(l_ij)  # each row's log2-sum-exp2 over this chunk
             if STATS_OWNED:  # this program alone writes its query range's row, one chunk per slot
-                tl.store(tm_row + code // 4, tmax)
-            else:  # one atomic per run of chunks of the same slot
-                run_max = tl.where((code & 2) != 0, tmax, tl.maximum(run_max, tmax))
-                tl.atomic_max(tm_row + code // 4, run_max, mask=(code & 1) != 0)
+                tl.store(tm_row + code // 4, tl.max(tl.where(m_ok, c_lse, float("-inf")), 0) * LN2)
+            else:  # rows add their chunks of one slot; one atomic per run
+                hi = tl.maximum(run_lse, c_lse)
+                both = tl.where(hi == float("-inf"), float("-inf"),
+                                hi + tl.math.log2(1.0 + tl.math.exp2(tl.minimum(run_lse, c_lse) - hi)))
+                run_lse = tl.where((code & 2) != 0, c_lse, both)
+                run_val = tl.max(tl.where(m_ok, run_lse, float("-inf")), 0) * LN2
+                tl.atomic_max(tm_row + code // 4, run_val, mask=(code & 1) != 0)
 
-    # Chunks with a column bound (and, with statistics, chunks straddling two key ranges).
+    # Chunks with a column bound.
     for c in range(n_full, n_full + n_mask):
         start = tl.load(CST + cbase + c)
         end = tl.load(CEN + cbase + c)
-        straddles = end < 0  # encoded as -end by the preparation
-        end = tl.abs(end)
         offs_n = start + offs_c
         n_ok = offs_n < end
         if PERM_K:
             kidx = tl.load(kp_head + offs_n, mask=n_ok, other=0)
         else:
             kidx = offs_n
-        acc, m_i, l_i, qk, row_max = _chunk_step(
+        acc, m_i, l_i, l_ij = _chunk_step(
             q, acc, m_i, l_i, k_head, v_head, kidx, n_ok, sks, skd, svs, svd, offs_d, qk_scale, b, h, start,
             MASKED=True, UPCAST=UPCAST, TMA=TMA_KV, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
         )
-        if HAS_STATS:
-            if STRADDLE and straddles:
-                # Attribute each column to its own key range's slot.
-                col_max = tl.max(tl.where(m_ok[:, None], qk, float("-inf")), 0)
-                krange = tl.load(TOKR + bh.to(tl.int64) * Sk + offs_n, mask=n_ok, other=0)
-                slot = tl.load(SLOTOF + crow * NK + krange, mask=n_ok, other=0)
-                tl.atomic_max(tm_row + slot, col_max * sm_scale, mask=n_ok)
+        if HAS_STATS:  # a slot's tail chunk (at most one per slot)
+            c_val = tl.max(tl.where(m_ok, m_i + tl.math.log2(l_ij), float("-inf")), 0) * LN2
+            code = tl.load(CSL + cbase + c)
+            if STATS_OWNED:
+                tl.store(tm2_row + code // 4, c_val)
             else:
-                tmax = tl.max(tl.where(m_ok, row_max, float("-inf")), 0) * sm_scale
-                code = tl.load(CSL + cbase + c)
-                if STATS_OWNED:
-                    tl.store(tm_row + code // 4, tmax)
-                else:
-                    tl.atomic_max(tm_row + code // 4, tmax)
+                tl.atomic_max(tm2_row + code // 4, c_val)
 
     # Rows that selected nothing: l_i == 0 -> output 0, LSE -inf (never 0/0).
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)

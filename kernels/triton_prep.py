@@ -6,8 +6,9 @@ shapes (static upper bounds), never from data.
 * Key chunks (`key_chunks`): for each (batch*head, query range), the selected key ranges are merged into
   maximal runs of consecutive ranges ("spans"; empty ranges are transparent), and each span is cut into
   BLOCK_N-sized chunks. Chunks that are entirely valid come first ("full"), then the chunks that need a
-  column bound ("masked": span tails; with statistics on, also chunks that straddle a key-range boundary,
-  so each range's max logit can be attributed to its own slot).
+  column bound ("masked": span tails). With statistics on, every selected range is its own span, so each
+  chunk belongs to exactly one range (its slot's statistic needs no per-column attribution) and each slot
+  has at most one masked chunk, its tail.
   Fixed-block plans whose key block equals BLOCK_N take a cheaper path over `kv_indices` directly.
 * Query tiles (`query_tiles`): each query range is cut into BLOCK_M tiles; tiles are listed per
   (batch*head) with the most key chunks first (longest-processing-time order; the grid stays head-major
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_sparse.plan import BlockPlan, token_to_range
+from dit_sparse.plan import BlockPlan
 
 Tensor = torch.Tensor
 
@@ -34,9 +35,6 @@ class KeyChunks:
     ends: Tensor  # int32 [BH, NQ, MAXC] exclusive bound (read for masked chunks only)
     slots: Tensor  # int32 [BH, NQ, MAXC] kv slot of the key range holding the chunk start
     counts: Tensor  # int32 [BH, NQ, 2] (full chunks, masked chunks)
-    straddle: bool  # masked chunks may cover several key ranges (needs tok_range / slot_of)
-    tok_range: Tensor | None  # int32 [BH, Sk]
-    slot_of: Tensor | None  # int32 [BH, NQ, NK]
 
 
 @dataclass
@@ -105,9 +103,6 @@ def _fixed_key_chunks(plan: BlockPlan, sk: int, bn: int) -> KeyChunks:
         ends=ends.to(torch.int32).reshape(bh, NQ, maxk),
         slots=(src * 4 + 3).to(torch.int32).reshape(bh, NQ, maxk),  # every chunk is its own slot's run
         counts=counts.to(torch.int32).reshape(bh, NQ, 2),
-        straddle=False,
-        tok_range=None,
-        slot_of=None,
     )
 
 
@@ -118,10 +113,14 @@ def _span_key_chunks(plan: BlockPlan, sk: int, bn: int, stats: bool) -> KeyChunk
     koff = plan.k_offsets.long()
     a = koff[..., :-1][:, :, None, :]  # [B, H, 1, NK] range starts
     e = koff[..., 1:][:, :, None, :]  # range ends
-    sel = plan.block_mask() | (a == e)  # empty ranges never break a span
-    edge = torch.zeros_like(sel[..., :1])
-    opens = sel & ~torch.cat([edge, sel[..., :-1]], -1)
-    closes = sel & ~torch.cat([sel[..., 1:], edge], -1)
+    sel = plan.block_mask()
+    if stats:  # every selected range is its own span
+        opens = closes = sel
+    else:
+        sel = sel | (a == e)  # empty ranges never break a span
+        edge = torch.zeros_like(sel[..., :1])
+        opens = sel & ~torch.cat([edge, sel[..., :-1]], -1)
+        closes = sel & ~torch.cat([sel[..., 1:], edge], -1)
     # Span of each selected range: the last opening at or before it, the first closing at or after it.
     span_s = torch.where(opens, a, 0).cummax(-1).values
     span_e = torch.where(closes, e, sk).flip(-1).cummin(-1).values.flip(-1)
@@ -144,8 +143,6 @@ def _span_key_chunks(plan: BlockPlan, sk: int, bn: int, stats: bool) -> KeyChunk
     s_end = at(span_e)
     end = torch.minimum(start + bn, s_end)
     masked = start + bn > s_end
-    if stats:
-        masked |= end > at(e)
     slot_of = _slot_map(plan)
     slot = at(slot_of.long()).clamp(min=0)
     is_f = valid & ~masked
@@ -160,10 +157,9 @@ def _span_key_chunks(plan: BlockPlan, sk: int, bn: int, stats: bool) -> KeyChunk
         return buf[..., :maxc].reshape(B * H, NQ, maxc).contiguous()
 
     counts = torch.cat([n_f, is_m.sum(-1, keepdim=True)], -1)
-    straddle = stats
-    # Straddling chunks are flagged by a negative end; full chunks mark the first/last chunk of each
-    # slot's run (slot * 4 + first * 2 + last) so the kernel issues one atomic per run.
-    ends_c = compact(torch.where(end > at(e), -end, end) if stats else end)
+    # Full chunks mark the first/last chunk of each slot's run (slot * 4 + first * 2 + last), so the kernel
+    # combines a run's statistics in registers and writes them once.
+    ends_c = compact(end)
     slot_c = compact(slot).view(B, H, NQ, maxc).long()
     k_pos = c.expand_as(slot_c)
     in_full = k_pos < n_f
@@ -177,11 +173,6 @@ def _span_key_chunks(plan: BlockPlan, sk: int, bn: int, stats: bool) -> KeyChunk
         ends=ends_c,
         slots=code.to(torch.int32).reshape(B * H, NQ, maxc),
         counts=counts.to(torch.int32).reshape(B * H, NQ, 2).contiguous(),
-        straddle=straddle,
-        tok_range=token_to_range(plan.k_offsets, sk).to(torch.int32).reshape(B * H, sk).contiguous()
-        if straddle
-        else None,
-        slot_of=slot_of.reshape(B * H, NQ, nk).contiguous() if straddle else None,
     )
 
 

@@ -84,14 +84,14 @@ def test_variable_ranges_and_tile_stats():
     res = block_sparse_attention(q, k, v, plan, return_lse=True, return_tile_stats=True, backend="reference")
     ref, _ = masked_attention(q, k, v, plan.token_mask())
     torch.testing.assert_close(res.out.double(), ref, atol=3e-6, rtol=3e-6)
-    # tile_max: recompute the max logit of every selected (query range, key range) pair directly
+    # tile_lse: recompute the largest row log-sum-exp of every selected (query range, key range) pair directly
     s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
     for b in range(B):
         for h in range(H):
             sp = s[b, h][perm[b, h]][:, perm[b, h]]
             for i in range(plan.num_q_blocks):
                 for slot in range(plan.kv_indices.shape[-1]):
-                    got = res.tile_max[b, h, i, slot]
+                    got = res.tile_lse[b, h, i, slot]
                     q0, q1 = q_off[b, h, i], q_off[b, h, i + 1]
                     if slot >= plan.kv_counts[b, h, i]:
                         assert got == -math.inf
@@ -101,7 +101,7 @@ def test_variable_ranges_and_tile_stats():
                     if q1 == q0 or k1 == k0:
                         assert got == -math.inf
                     else:
-                        assert abs(float(got) - float(sp[q0:q1, k0:k1].max())) < 1e-4
+                        assert abs(float(got) - float(sp[q0:q1, k0:k1].logsumexp(-1).max())) < 1e-4
 
 
 def test_cross_lengths_and_low_precision_inputs():

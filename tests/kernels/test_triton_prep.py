@@ -62,6 +62,11 @@ def test_key_chunks_cover_selected_keys_once(block_n: int, stats: bool) -> None:
                         # The slot code names a kv slot that selects the range holding the chunk start.
                         slot = int(ch.slots[bh, r, c]) // 4
                         assert int(plan.kv_indices[b, h, r, slot]) == int(tok_range[b, h, s0])
+                        if stats:  # every chunk inside its own key range; a slot has at most one tail
+                            assert e0 <= int(ko[b, h, int(tok_range[b, h, s0]) + 1]), (name, r, c)
+                    if stats:
+                        tails = [int(ch.slots[bh, r, c]) // 4 for c in range(n_full, n_full + n_mask)]
+                        assert len(tails) == len(set(tails)), f"{name}: a slot with two masked chunks"
                     assert torch.equal(got, want), f"{name}: range {r} of (b={b}, h={h}) covered wrongly"
                     # Merging: no more chunks than the spans need.
                     assert n_full + n_mask <= math.ceil(int(want.sum()) / block_n) + int(plan.kv_counts[b, h, r])

@@ -63,22 +63,21 @@ def skip_cache_bytes(
 
 
 # ---------------------------------------------------------------------------------------------- bound
-def tile_log_bounds(plan: BlockPlan, lse: Tensor, tile_max: Tensor) -> Tensor:
-    """log of the per-tile mass bound n_j * exp(tile_max - min row LSE), aligned with `plan.kv_indices`.
+def tile_log_bounds(plan: BlockPlan, lse: Tensor, tile_lse: Tensor) -> Tensor:
+    """log of the per-tile mass bound exp(tile_lse - min row LSE), aligned with `plan.kv_indices`.
 
-    `lse` is [B, H, S] in original token order, `tile_max` [B, H, NQ, MAXK]. Unusable entries (no rows,
-    no keys) give -inf (bound 0); undefined ones (NaN) give +inf, so they are never skipped.
+    `lse` is [B, H, S] in original token order, `tile_lse` [B, H, NQ, MAXK] (`AttentionResult.tile_lse`: the
+    largest row log-sum-exp over the tile's keys). Unusable entries (no rows, no keys) give -inf (bound 0);
+    undefined ones (NaN) give +inf, so they are never skipped.
     """
-    B, H, NQ, MAXK = tile_max.shape
+    B, H, NQ, MAXK = tile_lse.shape
     lse = lse.float()
     if plan.q_perm is not None:
         lse = torch.gather(lse, 2, plan.q_perm)
     q_range = token_to_range(plan.q_offsets, lse.shape[-1])
     min_lse = torch.full((B, H, NQ), math.inf, dtype=torch.float32, device=lse.device)
     min_lse.scatter_reduce_(2, q_range, lse, reduce="amin")
-    k_len = (plan.k_offsets[..., 1:] - plan.k_offsets[..., :-1]).float()  # [B, H, NK]
-    n_k = torch.gather(k_len, 2, plan.kv_indices.long().flatten(2)).view(B, H, NQ, MAXK)
-    lb = torch.log(n_k) + tile_max.float() - min_lse[..., None]
+    lb = tile_lse.float() - min_lse[..., None]
     return torch.nan_to_num(lb, nan=math.inf, posinf=math.inf, neginf=-math.inf)
 
 

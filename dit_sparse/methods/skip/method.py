@@ -5,10 +5,11 @@ A wrapper method: it refines the plan of a base method (``"full+skip"``, ``"wind
 ranges to leave out. After every sparse call it reads the executor's statistics and bounds, for every row
 r of query range i and key range j,
 
-    mass_r(i, j) = sum_{t in j} exp(s_rt - lse_r) <= n_j * exp(tile_max(i, j) - min_{r in i} lse_r)
+    mass_r(i, j) = sum_{t in j} exp(s_rt - lse_r) <= exp(tile_lse(i, j) - min_{r in i} lse_r)
 
-where `tile_max` is the largest scaled logit of the (i, j) tile and `lse` the rows' final log-sum-exp
-of the executed plan. Leaving tiles out only lowers the LSE, so a bound taken from a sparser call is still a
+where `tile_lse` is the largest row log-sum-exp of the (i, j) tile, log sum_{t in j} exp(s_rt) maximised
+over the rows r of i (the executor computes it with the attention: `AttentionResult.tile_lse`), and `lse`
+the rows' final log-sum-exp of the executed plan. Leaving tiles out only lowers the LSE, so a bound taken from a sparser call is still a
 bound against the full base plan (and against dense attention). Per query range, tiles are added to the
 skip set greedily, smallest bound first, while the summed bounds of the skipped tiles stay below `tol`:
 the total skipped mass of every row is bounded, and the decision does not depend on visit order.
@@ -225,7 +226,7 @@ class SkipCache(SparseMethod):
         pending, state.pending = state.pending, None
         if pending is None:
             return
-        if result.lse is None or result.tile_max is None:
+        if result.lse is None or result.tile_lse is None:
             self._warn_once("the attention backend returned no LSE / tile statistics; nothing is skipped")
             return
         B, H, NQ, NK = plan.batch, plan.heads, plan.num_q_blocks, plan.num_k_blocks
@@ -233,7 +234,7 @@ class SkipCache(SparseMethod):
         if state.bits is None:
             state.bits = pack_bits(torch.zeros(B, H, NQ, NK, dtype=torch.bool, device=dev))
             state.budget = torch.zeros(B, H, NQ, dtype=torch.float32, device=dev)
-        log_b = tile_log_bounds(plan, result.lse, result.tile_max)
+        log_b = tile_log_bounds(plan, result.lse, result.tile_lse)
         maxk = log_b.shape[-1]
         step = max(1, _MAX_CHUNK_ELEMS // max(B * NQ * max(maxk, NK), 1))
         bits, budget = [], []

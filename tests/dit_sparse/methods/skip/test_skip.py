@@ -122,7 +122,7 @@ def test_bound_is_an_upper_bound_of_exact_tile_mass(ragged):
     else:
         plan = BlockPlan.dense(2, 3, q.shape[2], BLOCK)
     res = reference_block_sparse_attention(q, k, v, plan, return_lse=True, return_tile_stats=True)
-    bound = torch.exp(tile_log_bounds(plan, res.lse, res.tile_max)).double()  # [B, H, NQ, MAXK]
+    bound = torch.exp(tile_log_bounds(plan, res.lse, res.tile_lse)).double()  # [B, H, NQ, MAXK]
     probs = _dense_probs(q, k)
     mass = _tile_mass(probs, plan)  # vs dense softmax: the plan's LSE is smaller, so the bound still holds
     q_rng = token_to_range(plan.q_offsets, q.shape[2])
