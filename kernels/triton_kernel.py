@@ -49,7 +49,8 @@ def _chunk_step(
     q, acc, m_i, l_i, k_head, v_head, kidx, n_ok, sks, skd, svs, svd, offs_d, qk_scale, b, h, start,
     MASKED: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """One online-softmax update with the key chunk whose rows (in memory) are `kidx`.
+    """One online-softmax update with the key chunk whose rows (in memory) are `kidx`; returns the new
+    (acc, m_i, l_i) and this chunk's row sums l_ij (relative to the new m_i, for the statistics).
 
     With TMA, k_head / v_head are [B, H, S, D] tensor descriptors and the chunk is rows start..start+BLOCK_N
     (zero-filled past the sequence end; columns past a masked chunk's bound are masked below).
@@ -65,9 +66,9 @@ def _chunk_step(
     m_new = tl.maximum(m_i, row_max * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
     l_ij = tl.sum(p, 1)
+    l_i = l_i * alpha + l_ij
+    acc = acc * alpha[:, None]
     v = _load_chunk(v_head, kidx, n_ok, svs, svd, offs_d, b, h, start,
                     MASKED=MASKED, TMA=TMA, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM)
     if UPCAST:
