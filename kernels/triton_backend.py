@@ -11,9 +11,9 @@ small tensor operations) replays as one CUDA graph per plan signature: a method 
 would otherwise spend more host time launching them than the attention takes (semantic's exact clusters on
 the bundled model, one call on an H200: 3.0 ms before, 1.1 ms after; cuDNN dense 0.15 ms). Block sizes /
 warps / stages come from a table chosen offline per (GPU architecture, head dim, plan kind), never from
-timing during a generation (`DIT_SPARSE_TRITON_CONFIG=BM,BN,WARPS,STAGES` pins one). K/V are read with TMA descriptors when the key
-order is the identity (`DIT_SPARSE_TRITON_TMA=0` turns that off); `DIT_SPARSE_TRITON_WS=1` adds Triton
-warp-specialised configs to the autotune list (no gain measured on H100).
+timing during a generation (`DIT_SPARSE_TRITON_CONFIG=BM,BN,WARPS,STAGES` pins one). K/V are read with
+TMA descriptors when the key order is the identity (`DIT_SPARSE_TRITON_TMA=0` turns that off);
+`DIT_SPARSE_TRITON_WS=1` adds Triton warp-specialised configs to the autotune list (no gain measured on H100).
 
 Plan contract relied upon: the valid entries of each `kv_indices` row are distinct (as
 `BlockPlan.from_range_mask` builds them); a repeated block would be computed twice.
