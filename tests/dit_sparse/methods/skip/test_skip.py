@@ -135,7 +135,8 @@ def test_bound_is_an_upper_bound_of_exact_tile_mass(ragged):
     assert torch.isfinite(bound[valid]).all()
     if not ragged:  # coherent 64-token tiles: the bound is within a small factor of the truth on big tiles
         big = valid & (worst_slot > 1e-3)
-        assert big.any() and (bound[big] <= worst_slot[big] * 200).all()
+        # 7.2x at most here (median 2x); the earlier n_j * exp(tile_max - min lse) needed 200x allowed
+        assert big.any() and (bound[big] <= worst_slot[big] * 20).all()
 
 
 def test_greedy_skipped_mass_per_query_tile_is_within_tol():
