@@ -67,6 +67,33 @@ def test_backend_matches_float32_reference(backend, D, perm, block):
     assert torch.allclose(got.lse[live], ref.lse[live], atol=2e-2)
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("kind", ["fixed64", "fixed128", "ranges"])
+def test_triton_tile_statistics_bound_the_float32_reference(D, kind):
+    """tile_lse from the Triton kernel: never below the exact value (it bounds the skipped mass), at most
+    log 2 above it (full runs and tails combined after the kernel), -inf exactly where the reference is."""
+    B, H, S = 2, 3, 1000 + 37
+    g = torch.Generator(device="cuda").manual_seed(D + len(kind))
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    if kind == "ranges":  # semantic-like: variable ranges (some longer than a chunk, some empty), per-head orders
+        cuts = torch.rand(B * H, 11, device="cuda", generator=g).mul(S).long().sort(-1).values
+        off = torch.cat([torch.zeros_like(cuts[:, :1]), cuts, torch.full_like(cuts[:, :1], S)], -1).view(B, H, -1)
+        perms = [torch.argsort(torch.rand(B, H, S, device="cuda", generator=g), -1) for _ in range(2)]
+        mask = torch.rand(B, H, 12, 12, device="cuda", generator=g) < 0.5
+        plan = BlockPlan.from_range_mask(mask, off, off, q_perm=perms[0], k_perm=perms[1], seq_lens=(S, S))
+    else:
+        plan = _plan(B, H, S, int(kind[5:]), 0.3, "per-head", seed=D)
+    got = block_sparse_attention(q, k, v, plan, return_lse=True, return_tile_stats=True, backend="triton")
+    ref = reference_block_sparse_attention(q.float(), k.float(), v.float(), plan, return_lse=True,
+                                           return_tile_stats=True)
+    fin = torch.isfinite(ref.tile_lse)
+    assert fin.any() and torch.equal(torch.isfinite(got.tile_lse), fin)
+    over = got.tile_lse[fin] - ref.tile_lse[fin]
+    assert over.min().item() > -2e-2, "tile_lse below the exact value: the skip bound would not hold"
+    assert over.max().item() < math.log(2) + 2e-2
+
+
 def test_auto_prefers_flash_attn_4_for_fixed_blocks_and_triton_for_ranges_and_statistics():
     from dit_sparse.kernels import select_backend
 
