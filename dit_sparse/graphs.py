@@ -34,11 +34,10 @@ from typing import Any
 
 import torch
 
-from .plan import BlockPlan
+from .plan import TENSOR_FIELDS, BlockPlan
 
 Tensor = torch.Tensor
 
-_PLAN_TENSORS = ("q_offsets", "k_offsets", "kv_indices", "kv_counts", "q_perm", "k_perm")
 
 
 def enabled() -> bool:
@@ -143,7 +142,7 @@ def _flatten(obj: Any, tensors: list[Tensor]) -> Any:
     if obj is None:
         return ("none",)
     if isinstance(obj, BlockPlan):
-        fields = {name: _flatten(getattr(obj, name), tensors) for name in _PLAN_TENSORS}
+        fields = {name: _flatten(getattr(obj, name), tensors) for name in TENSOR_FIELDS}
         derived = {key: _flatten(val, tensors) for key, val in obj.derived.items() if isinstance(val, Tensor)}
         return ("plan", fields, obj.block_size, obj.seq_lens, derived)
     if isinstance(obj, tuple):

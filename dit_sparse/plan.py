@@ -36,6 +36,10 @@ def _offsets_for_blocks(seq_len: int, block: int, device: torch.device) -> Tenso
     return (torch.arange(n + 1, device=device, dtype=torch.int32) * block).clamp_(max=seq_len)
 
 
+# The tensor fields of a `BlockPlan`, in declaration order (the permutations may be None).
+TENSOR_FIELDS = ("q_offsets", "k_offsets", "kv_indices", "kv_counts", "q_perm", "k_perm")
+
+
 @dataclass(frozen=True)
 class BlockPlan:
     """Block-sparse attention plan; see the module docstring for the meaning of each field."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from dit_sparse.graphs import PlanGraphs
-from dit_sparse.plan import BlockPlan
+from dit_sparse.plan import TENSOR_FIELDS, BlockPlan
 
 from .backend_call import (
     HALF_DTYPES,
@@ -119,7 +119,6 @@ def _fits_int32(x: Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- plan metadata
-_PLAN_FIELDS = ("q_offsets", "k_offsets", "kv_indices", "kv_counts", "q_perm", "k_perm")
 _PREP_GRAPHS = PlanGraphs()  # launch metadata of new plans, one graph replay each on GPUs
 
 
@@ -134,7 +133,7 @@ def prepare(plan: BlockPlan, sq: int, sk: int, cfg: KernelConfig, stats: bool) -
 def _prepare_new(plan: BlockPlan, sq: int, sk: int, cfg: KernelConfig, stats: bool
                  ) -> tuple[KeyChunks, QueryTiles, dict]:
     """`_prepare_tensors` for a plan seen for the first time, through the CUDA graph of its signature."""
-    names = tuple(n for n in _PLAN_FIELDS if getattr(plan, n) is not None)
+    names = tuple(n for n in TENSOR_FIELDS if getattr(plan, n) is not None)
     static = dict(names=names, block_size=plan.block_size, seq_lens=plan.seq_lens, sq=sq, sk=sk,
                   block_m=cfg.block_m, block_n=cfg.block_n, stats=stats)
     flat = _PREP_GRAPHS.run(("triton.prep", *static.values()), functools.partial(_prepare_tensors, **static),

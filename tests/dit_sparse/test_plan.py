@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 import torch
 
-from dit_sparse.plan import BlockPlan
+from dit_sparse.plan import TENSOR_FIELDS, BlockPlan
 
 
 def test_block_mask_roundtrip_and_density():
@@ -74,3 +76,11 @@ def test_compact_indices_lists_selected_positions_first_in_order() -> None:
             sel = torch.nonzero(m).flatten().int()
             assert int(c) == sel.numel()
             assert torch.equal(row[: int(c)], sel) and not row[int(c):].any()
+
+
+def test_tensor_fields_name_every_tensor_field_of_a_plan():
+    """CUDA graphs and the Triton preparation rebuild plans from TENSOR_FIELDS: it must stay complete."""
+    perm = torch.randperm(40).expand(1, 2, 40)
+    plan = BlockPlan.from_block_mask(torch.rand(1, 2, 3, 3) < 0.5, 16, 40, q_perm=perm, k_perm=perm)
+    tensors = [f.name for f in dataclasses.fields(BlockPlan) if isinstance(getattr(plan, f.name), torch.Tensor)]
+    assert tuple(tensors) == TENSOR_FIELDS

@@ -15,7 +15,7 @@ from dit_sparse.kernels import (
     reference_block_sparse_attention,
 )
 
-from dit_sparse.plan import BlockPlan
+from dit_sparse.plan import TENSOR_FIELDS, BlockPlan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -224,8 +224,8 @@ def test_graphed_launch_metadata_matches_the_eager_one(kind, stats):
         p = plan()
         chunks, tiles, perms = tb.prepare(p, S, S, cfg, stats)
     assert tb._PREP_GRAPHS.replays >= before + 2  # fixed plans ignore `stats`: its second case finds the graph
-    want = tb._prepare_tensors(*(getattr(p, n) for n in tb._PLAN_FIELDS if getattr(p, n) is not None),
-                               names=tuple(n for n in tb._PLAN_FIELDS if getattr(p, n) is not None),
+    want = tb._prepare_tensors(*(getattr(p, n) for n in TENSOR_FIELDS if getattr(p, n) is not None),
+                               names=tuple(n for n in TENSOR_FIELDS if getattr(p, n) is not None),
                                block_size=p.block_size, seq_lens=p.seq_lens, sq=S, sk=S, block_m=64, block_n=64,
                                stats=stats and kind != "fixed")
     got = (chunks.starts, chunks.ends, chunks.slots, chunks.counts, tiles.tiles, tiles.q_offsets, perms["q"], perms["k"])
