@@ -40,19 +40,25 @@ def trainer_state(trainer: Trainer, minutes: float, history: list) -> dict:
     }
 
 
+def _check_same_model(trainer: Trainer, source: str, shapes: list, frames: int, patch: int, instead: str = "") -> None:
+    """Raise ValueError, saying what to do, when `source` (a checkpoint, a pipeline folder) holds weights of
+    other shapes or another clip geometry than `trainer` was built for."""
+    if list(shapes) != [tuple(p.shape) for p in trainer.params]:
+        raise ValueError(f"{source} holds another model size (--tiny, --patch, --heads, --head-dim, --ffn or --layers "
+                         f"differs?): {instead}pass the options it was trained with")
+    if (frames, patch) != (trainer.args.frames, trainer.args.patch):
+        raise ValueError(f"{source} was trained with --frames {frames} --patch {patch}, this run asks for --frames "
+                         f"{trainer.args.frames} --patch {trainer.args.patch}: pass the same clip geometry")
+
+
 def load_trainer_state(trainer: Trainer, state: dict) -> None:
     """Continue `trainer` from `state` (from `trainer_state`); a checkpoint of another model size is a clear
     error."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (format {state.get('format')!r})")
-    shapes = [tuple(p.shape) for p in trainer.params]
-    if state["model"]["params"] != shapes:
-        raise ValueError("the checkpoint holds another model size (--tiny or --patch differs?): start without "
-                         "--resume, or pass the options it was trained with")
-    saved = (state["model"].get("frames", CLIP_FRAMES), state["model"].get("patch", 4))  # older checkpoints
-    if saved != (trainer.args.frames, trainer.args.patch):
-        raise ValueError(f"the checkpoint was trained with --frames {saved[0]} --patch {saved[1]}, this run asks for "
-                         f"--frames {trainer.args.frames} --patch {trainer.args.patch}: pass the same clip geometry")
+    model = state["model"]  # older checkpoints record no clip geometry: they had the defaults
+    _check_same_model(trainer, "the checkpoint", model["params"], model.get("frames", CLIP_FRAMES),
+                      model.get("patch", 4), "start without --resume, or ")
     with torch.no_grad():
         for p, saved in zip(trainer.params, state["params"]):
             p.copy_(saved)
@@ -72,14 +78,9 @@ def init_from_pipeline(trainer: Trainer, folder: Path) -> None:
     from .reference_model import load_reference_pipeline
 
     pipe = load_reference_pipeline(folder, device="cpu", dtype=torch.float32)
-    patch = tuple(pipe.transformer.config.patch_size)[-1]
-    if (pipe.config.num_frames, patch) != (trainer.args.frames, trainer.args.patch):
-        raise ValueError(f"{folder} holds a model of --frames {pipe.config.num_frames} --patch {patch}, this run asks "
-                         f"for --frames {trainer.args.frames} --patch {trainer.args.patch}: pass the same clip geometry")
     saved = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
-    if [tuple(p.shape) for p in saved] != [tuple(p.shape) for p in trainer.params]:
-        raise ValueError(f"{folder} holds another model size (--tiny, --heads, --head-dim, --ffn or --layers "
-                         "differ?): pass the options it was trained with")
+    _check_same_model(trainer, str(folder), [tuple(p.shape) for p in saved], pipe.config.num_frames,
+                      tuple(pipe.transformer.config.patch_size)[-1])
     with torch.no_grad():
         for p, w in zip(trainer.params, saved):
             p.copy_(w)
