@@ -156,8 +156,9 @@ def run(ns: argparse.Namespace) -> int:
     dense_frames: dict[tuple[int, int], np.ndarray] = {}
     side_by_side = []
     meta = dict(model=loaded.name, device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
-                date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(), prompts=prompts, seeds=seeds, steps=ns.steps, warmup_steps=ns.warmup,
-                warmup_layers=ns.warmup_layers, commands=["dit-sparse eval " + " ".join(sys.argv[2:])])
+                date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(), prompts=prompts, seeds=seeds,
+                steps=ns.steps, warmup_steps=ns.warmup, warmup_layers=ns.warmup_layers,
+                commands=["dit-sparse eval " + " ".join(sys.argv[2:])])
     bar = tqdm(total=len(configs) * len(videos), desc="eval", unit="video")
     for method, s in configs:
         for vi, (i, prompt, seed) in enumerate(videos):

@@ -113,7 +113,7 @@ def _generate(ns: argparse.Namespace, loaded, device: torch.device, out_path, se
 
     dense = None
     if ns.compare_dense:
-        dense = timed_generation(loaded, ns.prompt, ns.seed, device, "dense", 0.0, settings, warm_sparse=True)
+        dense = timed_generation(loaded, ns.prompt, ns.seed, device, "dense", 0.0, settings)
     sparse = timed_generation(loaded, ns.prompt, ns.seed, device, ns.method, ns.sparsity, settings,
                               warm_sparse=ns.compare_dense)
     written = write_video(sparse.frames, out_path) if write else out_path

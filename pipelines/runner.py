@@ -113,9 +113,9 @@ def timed_generation(loaded: LoadedModel, prompt: str, seed: int, device: torch.
                      warm_sparse: bool = False) -> RunResult:
     """Generate once with `method` applied; `warm_run` first runs a short generation so compilation,
     autotuning and first-call costs stay out of the timings. On GPUs that run is 2 steps, or with
-    `warm_sparse` (for comparisons with dense) long enough to reach two sparse steps: the dense warm-up
-    steps alone never compile or load the sparse kernels nor record their CUDA graphs, which then landed in
-    the timed run (one-time costs of the process, not of a generation)."""
+    `warm_sparse` (for comparisons with dense; dense generations keep 2) long enough to reach two sparse
+    steps: the dense warm-up steps alone never compile or load the sparse kernels nor record their CUDA
+    graphs, which then landed in the timed run (one-time costs of the process, not of a generation)."""
     from dit_sparse.eval.timing import AttentionTimer
 
     name, opts = method_options(method, settings)
@@ -127,7 +127,7 @@ def timed_generation(loaded: LoadedModel, prompt: str, seed: int, device: torch.
         expert.core.timer = timer.section
     try:
         if warm_run:
-            loaded.call(prompt, warm_steps(settings, device, warm_sparse), seed)
+            loaded.call(prompt, warm_steps(settings, device, warm_sparse and not handle.config.is_dense), seed)
             handle.reset()
         timer.reset()
         _sync(device)

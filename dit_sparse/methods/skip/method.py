@@ -9,8 +9,8 @@ r of query range i and key range j,
 
 where `tile_lse` is the largest row log-sum-exp of the (i, j) tile, log sum_{t in j} exp(s_rt) maximised
 over the rows r of i (the executor computes it with the attention: `AttentionResult.tile_lse`), and `lse`
-the rows' final log-sum-exp of the executed plan. Leaving tiles out only lowers the LSE, so a bound taken from a sparser call is still a
-bound against the full base plan (and against dense attention). Per query range, tiles are added to the
+the rows' final log-sum-exp of the executed plan. Leaving tiles out only lowers the LSE, so a bound taken
+from a sparser call is still a bound against the full base plan (and against dense attention). Per query range, tiles are added to the
 skip set greedily, smallest bound first, while the summed bounds of the skipped tiles stay below `tol`:
 the total skipped mass of every row is bounded, and the decision does not depend on visit order.
 
