@@ -6,10 +6,9 @@ wrote; default the bundled one) at noise level t on held-out clips, in the model
 largest attention mass any row of the range puts on the tile:
 
 * exact: max over the rows of sum_{keys in tile} exp(s - lse_row) (what an oracle would use);
-* bound: n_tile * exp(tile_max - min_row lse), the bound `"X+skip"` uses today (docs/tile-skip.md);
+* bound: n_tile * exp(tile_max - min_row lse), the bound `"X+skip"` used until 2026-12-02;
 * tile-lse: exp(max_row logsumexp_{keys in tile}(s) - min_row lse), also a rigorous bound, without the
-  n_tile factor (the kernel could keep it in place of the tile max: its online softmax already sums each
-  row's tile).
+  n_tile factor: the one `"X+skip"` uses since (the kernels return `tile_lse`; docs/tile-skip.md).
 
 Each estimate drives the skip rule (per query range, smallest first while the summed estimates stay below
 `tol`, at most `max_skip` of the tiles), and the tool reports the share of tiles skipped and the largest true
